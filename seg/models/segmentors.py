@@ -1,0 +1,81 @@
+"""Segmentors: a backbone plus heads, upsampled to the input size. DeepLabV3 (the paper's model) and FCN."""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .heads import DeepLabV3Head, FCNHead, aspp_rates
+from .registry import BACKBONES, SEGMENTORS
+
+NormLayer = Callable[[int], nn.Module]
+
+
+SegmentorOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+class Segmentor(nn.Module):
+    """A backbone, a main head on c4 and an optional auxiliary FCN head on c3.
+
+    ``forward(x)`` with x (N, 3, H, W) returns logits (N, num_classes, H, W), upsampled bilinearly
+    (align_corners=True, as in the paper's code). In train mode with an auxiliary head it returns the tuple
+    (main, aux) of two such tensors; in eval mode the auxiliary head is not run.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, aux_head: nn.Module | None, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.aux_head = aux_head
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> SegmentorOutput:
+        size = (x.shape[2], x.shape[3])
+        _, _, c3, c4 = self.backbone.forward_features(x)
+        out = F.interpolate(self.head(c4), size=size, mode="bilinear", align_corners=True)
+        if self.training and self.aux_head is not None:
+            aux = F.interpolate(self.aux_head(c3), size=size, mode="bilinear", align_corners=True)
+            return out, aux
+        return out
+
+
+def _backbone(backbone: str, output_stride: int, norm_layer: NormLayer, backbone_knobs: dict) -> nn.Module:
+    return BACKBONES.get(backbone)(
+        num_classes=0, output_stride=output_stride, norm_layer=norm_layer, **backbone_knobs
+    )
+
+
+@SEGMENTORS.register
+def deeplabv3(
+    backbone: str = "resnest50",
+    num_classes: int = 150,
+    output_stride: int = 8,
+    aux: bool = True,
+    norm_layer: NormLayer = nn.BatchNorm2d,
+    **backbone_knobs,
+) -> Segmentor:
+    """DeepLabV3 with an ASPP head on c4 (256 channels) and, with ``aux``, an FCN head on c3."""
+    body = _backbone(backbone, output_stride, norm_layer, backbone_knobs)
+    channels = body.feature_channels
+    head = DeepLabV3Head(channels[3], num_classes, aspp_rates(output_stride), norm_layer=norm_layer)
+    aux_head = FCNHead(channels[2], num_classes, norm_layer) if aux else None
+    return Segmentor(body, head, aux_head, num_classes)
+
+
+@SEGMENTORS.register
+def fcn(
+    backbone: str = "resnest50",
+    num_classes: int = 150,
+    output_stride: int = 8,
+    aux: bool = True,
+    norm_layer: NormLayer = nn.BatchNorm2d,
+    **backbone_knobs,
+) -> Segmentor:
+    """FCN (the paper's FCN rows): an FCN head on c4 and, with ``aux``, another on c3."""
+    body = _backbone(backbone, output_stride, norm_layer, backbone_knobs)
+    channels = body.feature_channels
+    aux_head = FCNHead(channels[2], num_classes, norm_layer) if aux else None
+    return Segmentor(body, FCNHead(channels[3], num_classes, norm_layer), aux_head, num_classes)
