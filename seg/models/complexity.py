@@ -32,3 +32,27 @@ def count_macs(build: Callable[[], nn.Module], input_size: Tuple[int, int] = (22
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() // 2
+
+
+def backbone_table(segmentation_size: Tuple[int, int] = (512, 512), num_classes: int = 150) -> str:
+    """The README's Markdown table: every registered backbone's size and cost, as a classifier at 224 x 224
+    and inside DeepLabV3 (output stride 8, aux head, ``num_classes``) at ``segmentation_size`` in eval mode."""
+    from . import build_backbone, build_segmentor, list_backbones
+
+    height, width = segmentation_size
+    rows = [
+        f"| backbone | params | GMACs (224) | DeepLabV3 params | DeepLabV3 GMACs ({height}x{width}, OS8) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in list_backbones():
+        with torch.device("meta"):
+            params = count_parameters(build_backbone(name))
+            seg_params = count_parameters(build_segmentor("deeplabv3", backbone=name, num_classes=num_classes))
+        macs = count_macs(lambda: build_backbone(name))
+        seg_macs = count_macs(
+            lambda: build_segmentor("deeplabv3", backbone=name, num_classes=num_classes), segmentation_size
+        )
+        rows.append(
+            f"| `{name}` | {params / 1e6:.2f}M | {macs / 1e9:.2f} | {seg_params / 1e6:.2f}M | {seg_macs / 1e9:.1f} |"
+        )
+    return "\n".join(rows)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, TypeVar
 
+import re
+
 import torch.nn as nn
 
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
@@ -33,8 +35,8 @@ class Registry:
         return factory
 
     def names(self) -> List[str]:
-        """Sorted registered names."""
-        return sorted(self._factories)
+        """Registered names in natural order (resnest14 before resnest101)."""
+        return sorted(self._factories, key=_natural_key)
 
     def get(self, name: str) -> Callable[..., nn.Module]:
         """The factory for ``name``; ValueError listing the choices when unknown."""
@@ -47,6 +49,10 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._factories
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 BACKBONES = Registry("backbone")
