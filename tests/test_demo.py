@@ -34,4 +34,5 @@ def test_unknown_backbone_is_one_line_and_exit_2():
 def test_missing_weights_file_is_one_line_and_exit_2(tmp_path):
     result = run_demo("--backbone", "resnest14", "--pretrained-backbone", str(tmp_path / "missing.pth"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: --pretrained-backbone: weights file {tmp_path / 'missing.pth'} does not exist"
+    expected = f"error: --pretrained-backbone: weights file {tmp_path / 'missing.pth'} does not exist"
+    assert result.stderr.strip() == expected

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch.nn as nn
-
 from . import resnet as _resnet  # noqa: F401  (registers the backbones)
 from . import segmentors as _segmentors  # noqa: F401  (registers the segmentors)
 from .layers import DropBlock2d, set_dropblock_progress

@@ -48,9 +48,10 @@ def backbone_table(segmentation_size: Tuple[int, int] = (512, 512), num_classes:
         with torch.device("meta"):
             params = count_parameters(build_backbone(name))
             seg_params = count_parameters(build_segmentor("deeplabv3", backbone=name, num_classes=num_classes))
-        macs = count_macs(lambda: build_backbone(name))
+        macs = count_macs(lambda name=name: build_backbone(name))
         seg_macs = count_macs(
-            lambda: build_segmentor("deeplabv3", backbone=name, num_classes=num_classes), segmentation_size
+            lambda name=name: build_segmentor("deeplabv3", backbone=name, num_classes=num_classes),
+            segmentation_size,
         )
         rows.append(
             f"| `{name}` | {params / 1e6:.2f}M | {macs / 1e9:.2f} | {seg_params / 1e6:.2f}M | {seg_macs / 1e9:.1f} |"

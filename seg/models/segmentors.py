@@ -42,10 +42,20 @@ class Segmentor(nn.Module):
         return out
 
 
-def _backbone(backbone: str, output_stride: int, norm_layer: NormLayer, backbone_knobs: dict) -> nn.Module:
-    return BACKBONES.get(backbone)(
-        num_classes=0, output_stride=output_stride, norm_layer=norm_layer, **backbone_knobs
-    )
+def _assemble(
+    main_head: Callable[[int], nn.Module],
+    backbone: str,
+    num_classes: int,
+    output_stride: int,
+    aux: bool,
+    norm_layer: NormLayer,
+    backbone_knobs: dict,
+) -> Segmentor:
+    """A feature-extractor backbone, ``main_head(c4 channels)`` and, with ``aux``, an FCN head on c3."""
+    body = BACKBONES.get(backbone)(num_classes=0, output_stride=output_stride, norm_layer=norm_layer, **backbone_knobs)
+    channels = body.feature_channels
+    aux_head = FCNHead(channels[2], num_classes, norm_layer) if aux else None
+    return Segmentor(body, main_head(channels[3]), aux_head, num_classes)
 
 
 @SEGMENTORS.register
@@ -57,12 +67,12 @@ def deeplabv3(
     norm_layer: NormLayer = nn.BatchNorm2d,
     **backbone_knobs,
 ) -> Segmentor:
-    """DeepLabV3 with an ASPP head on c4 (256 channels) and, with ``aux``, an FCN head on c3."""
-    body = _backbone(backbone, output_stride, norm_layer, backbone_knobs)
-    channels = body.feature_channels
-    head = DeepLabV3Head(channels[3], num_classes, aspp_rates(output_stride), norm_layer=norm_layer)
-    aux_head = FCNHead(channels[2], num_classes, norm_layer) if aux else None
-    return Segmentor(body, head, aux_head, num_classes)
+    """DeepLabV3: an ASPP head (256 channels) on c4 and, with ``aux``, an FCN head on c3."""
+    rates = aspp_rates(output_stride)
+    return _assemble(
+        lambda channels: DeepLabV3Head(channels, num_classes, rates, norm_layer=norm_layer),
+        backbone, num_classes, output_stride, aux, norm_layer, backbone_knobs,
+    )
 
 
 @SEGMENTORS.register
@@ -75,7 +85,7 @@ def fcn(
     **backbone_knobs,
 ) -> Segmentor:
     """FCN (the paper's FCN rows): an FCN head on c4 and, with ``aux``, another on c3."""
-    body = _backbone(backbone, output_stride, norm_layer, backbone_knobs)
-    channels = body.feature_channels
-    aux_head = FCNHead(channels[2], num_classes, norm_layer) if aux else None
-    return Segmentor(body, FCNHead(channels[3], num_classes, norm_layer), aux_head, num_classes)
+    return _assemble(
+        lambda channels: FCNHead(channels, num_classes, norm_layer),
+        backbone, num_classes, output_stride, aux, norm_layer, backbone_knobs,
+    )

@@ -15,7 +15,12 @@ timm = pytest.importorskip("timm", reason="timm (test extra) is needed")
 torchvision = pytest.importorskip("torchvision")
 from resnest.torch import ablation as resnest_ablation  # noqa: E402
 
-OFFICIAL_PARAMS = {"resnest50": 27_483_240, "resnest101": 48_275_016, "resnest200": 70_201_544, "resnest269": 110_929_480}
+OFFICIAL_PARAMS = {
+    "resnest50": 27_483_240,
+    "resnest101": 48_275_016,
+    "resnest200": 70_201_544,
+    "resnest269": 110_929_480,
+}
 
 
 def official_factory(name: str):
@@ -97,7 +102,9 @@ def test_dilated_stage_keeps_the_avd_blur_and_identity_shortcut_pool():
     assert [b.conv2.conv.dilation[0] for b in model.layer4] == [2, 4, 4]
 
 
-@pytest.mark.parametrize("timm_name,ours", [("resnest50d", "resnest50"), ("resnest14d", "resnest14"), ("resnest26d", "resnest26")])
+@pytest.mark.parametrize(
+    "timm_name,ours", [("resnest50d", "resnest50"), ("resnest14d", "resnest14"), ("resnest26d", "resnest26")]
+)
 def test_timm_weights_load_strictly_and_match_timm_logits(timm_name, ours, randomize_batchnorm):
     reference = randomize_batchnorm(timm.create_model(timm_name, pretrained=False)).eval()
     model = build_backbone(ours).eval()
@@ -129,7 +136,7 @@ def test_feature_shapes_at_every_output_stride(name):
             features = model.forward_features(x)
             strides = {32: [4, 8, 16, 32], 16: [4, 8, 16, 16], 8: [4, 8, 8, 8]}[output_stride]
             assert [tuple(f.shape) for f in features] == [
-                (2, c, 96 // s, 128 // s) for c, s in zip(model.feature_channels, strides)
+                (2, c, 96 // s, 128 // s) for c, s in zip(model.feature_channels, strides, strict=True)
             ]
             assert tuple(model(x).shape) == (2, 1000)
 

@@ -143,7 +143,8 @@ def write_safetensors(path: Path, state) -> None:
     names = {torch.float32: "F32", torch.int64: "I64"}
     for key, value in state.items():
         data = value.contiguous().numpy().tobytes()
-        header[key] = {"dtype": names[value.dtype], "shape": list(value.shape), "data_offsets": [offset, offset + len(data)]}
+        span = [offset, offset + len(data)]
+        header[key] = {"dtype": names[value.dtype], "shape": list(value.shape), "data_offsets": span}
         blobs.append(data)
         offset += len(data)
     header["__metadata__"] = {"format": "pt"}
