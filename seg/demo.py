@@ -16,29 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from seg.data.toy import toy_scene
+from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from seg.models import PretrainedWeightsError, build_segmentor, list_backbones
 from seg.models.complexity import count_macs, count_parameters
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-def synthetic_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A (height, width, 3) uint8 RGB image: a textured background with a disc, a box and a stripe."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.empty((height, width, 3), dtype=np.float32)
-    image[..., 0] = 90 + 40 * np.sin(xx / 9.0)
-    image[..., 1] = 120 + 30 * np.cos(yy / 13.0)
-    image[..., 2] = 100
-    disc = (yy - height * 0.35) ** 2 + (xx - width * 0.3) ** 2 < (min(height, width) * 0.18) ** 2
-    box = (yy > height * 0.55) & (yy < height * 0.9) & (xx > width * 0.55) & (xx < width * 0.9)
-    stripe = np.abs(yy - xx * height / width) < height * 0.04
-    image[disc] = (220, 60, 50)
-    image[box] = (40, 70, 200)
-    image[stripe] = (240, 230, 70)
-    image += rng.normal(0, 8, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def colorize(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -78,8 +59,10 @@ def main(argv=None) -> int:
         print(f"error: --pretrained-backbone: {error}", file=sys.stderr)
         return 2
 
-    image = synthetic_scene(height, width)
-    x = torch.from_numpy((image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).permute(2, 0, 1)[None]
+    image, _ = toy_scene(height, width, seed=0)
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    normalised = (image.astype(np.float32) / 255.0 - mean) / std
+    x = torch.from_numpy(normalised).permute(2, 0, 1)[None]
     with torch.inference_mode():
         start = time.perf_counter()
         logits = model(x)
