@@ -4,10 +4,14 @@ Train: random long-side rescale to [0.5, 2.0] x base size (aspect kept), pad to 
 random crop (optionally retried while one class covers more than ``cat_max_ratio`` of it), horizontal flip,
 photometric distortion, ImageNet normalisation, tensors out. Eval: normalisation only.
 
-Rescale, pad and crop are one fused :class:`RandomRescaleCrop`: a single ``cv2.warpAffine`` per target
-samples the crop window straight from the source image, so the cost follows the crop size rather than the
-rescaled image (a 2048x1024 Cityscapes frame scaled x2 is never materialised). Sampling positions are those of
-``cv2.resize`` followed by a crop; masks use nearest-neighbour sampling and so never gain label values.
+Two steps are fused for speed (bench/data_pipeline.py measures them against the usual albumentations recipe):
+
+- Rescale, pad and crop are one :class:`RandomRescaleCrop`: a single ``cv2.warpAffine`` per target samples the
+  crop window straight from the source image, so the cost follows the crop size rather than the rescaled image
+  (a 2048x1024 Cityscapes frame scaled x2 is never materialised). Sampling positions are those of
+  ``cv2.resize`` followed by a crop; masks use nearest-neighbour sampling and so never gain label values.
+- Normalisation happens in the HWC uint8 -> CHW float32 copy that the tensor conversion makes anyway (10x
+  faster than ``A.Normalize`` followed by a transpose).
 """
 
 from __future__ import annotations
@@ -85,7 +89,13 @@ class RandomRescaleCrop(A.DualTransform):
         # cv2.resize samples source (dst + 0.5) / s - 0.5; the crop shifts dst by (x0, y0).
         matrix = np.array([[sx, 0.0, 0.5 * sx - 0.5 - x0], [0.0, sy, 0.5 * sy - 0.5 - y0]], dtype=np.float64)
         # Output rows/columns past the rescaled image are padding.
-        return {"matrix": matrix, "valid_h": min(crop_h, new_h - y0), "valid_w": min(crop_w, new_w - x0)}
+        return {
+            "matrix": matrix,
+            "new_size": (new_h, new_w),
+            "offset": (y0, x0),
+            "valid_h": min(crop_h, new_h - y0),
+            "valid_w": min(crop_w, new_w - x0),
+        }
 
     def get_params_dependent_on_data(self, params: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, Any]:
         height, width = params["shape"][:2]
@@ -95,46 +105,92 @@ class RandomRescaleCrop(A.DualTransform):
         mask = data.get("mask")
         if self.cat_max_ratio < 1.0 and mask is not None:
             for _ in range(10):
-                counts = np.bincount(self.apply_to_mask(mask, **window).ravel(), minlength=256)[:IGNORE_INDEX]
+                cropped = self.apply_to_mask(mask, **window)
+                window["mask_crop"] = cropped  # reused by apply_to_mask
+                counts = _histogram(cropped)[:IGNORE_INDEX]
                 counts = counts[counts > 0]
                 if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
                 window = self._window(height, width, long_side)
         return window
 
-    def _warp(self, array: np.ndarray, matrix, valid_h, valid_w, interpolation: int, fill: int) -> np.ndarray:
+    def _rescale_crop(self, array: np.ndarray, nearest: bool, fill: int, matrix, new_size, offset, valid_h, valid_w):
+        """The crop window of ``array`` rescaled to ``new_size``, padded with ``fill``.
+
+        Two equivalent routes (same pixel-centre sampling positions): when the rescaled image is small, resizing
+        it whole and slicing is cheapest; when it is large, one warp computes only the window.
+        """
         crop_h, crop_w = self.crop_size
-        out = cv2.warpAffine(
-            array, matrix, (crop_w, crop_h), flags=interpolation, borderMode=cv2.BORDER_REPLICATE
-        )
+        new_h, new_w = new_size
+        if new_h * new_w <= 2 * crop_h * crop_w:
+            interpolation = cv2.INTER_NEAREST_EXACT if nearest else cv2.INTER_LINEAR
+            resized = cv2.resize(array, (new_w, new_h), interpolation=interpolation)
+            y0, x0 = offset
+            out = np.full((crop_h, crop_w) + array.shape[2:], fill, dtype=array.dtype)
+            out[:valid_h, :valid_w] = resized[y0 : y0 + valid_h, x0 : x0 + valid_w]
+            return out
+        interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+        out = cv2.warpAffine(array, matrix, (crop_w, crop_h), flags=interpolation, borderMode=cv2.BORDER_REPLICATE)
         if valid_h < crop_h:
             out[valid_h:] = fill
         if valid_w < crop_w:
             out[:, valid_w:] = fill
         return out
 
-    def apply(self, img: np.ndarray, matrix=None, valid_h=0, valid_w=0, **params) -> np.ndarray:
-        return self._warp(img, matrix, valid_h, valid_w, cv2.INTER_LINEAR, self.fill)
+    def apply(self, img: np.ndarray, mask_crop=None, **window) -> np.ndarray:
+        return self._rescale_crop(img, False, self.fill, **_window_args(window))
 
-    def apply_to_mask(self, mask: np.ndarray, matrix=None, valid_h=0, valid_w=0, **params) -> np.ndarray:
-        return self._warp(mask, matrix, valid_h, valid_w, cv2.INTER_NEAREST, self.fill_mask)
+    def apply_to_mask(self, mask: np.ndarray, mask_crop=None, **window) -> np.ndarray:
+        if mask_crop is not None:
+            return mask_crop
+        return self._rescale_crop(mask, True, self.fill_mask, **_window_args(window))
+
+
+def _window_args(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The window entries of albumentations' params (it adds its own, such as ``shape``)."""
+    return {key: params[key] for key in ("matrix", "new_size", "offset", "valid_h", "valid_w")}
+
+
+def _histogram(mask: np.ndarray) -> np.ndarray:
+    """Pixel count of each value 0..255 of a uint8 mask (OpenCV's histogram: ~10x np.bincount's speed)."""
+    if mask.dtype != np.uint8:
+        return np.bincount(mask.ravel(), minlength=256)
+    return cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel()
+
+
+def normalize_to_tensor(image: np.ndarray, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 ``(image / 255 - mean) / std`` in one copy.
+
+    Args:
+        mean, inv_std: (3, 1, 1) float32 tensors in 0..255 units (``mean * 255`` and ``1 / (std * 255)``).
+    """
+    out = torch.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=torch.float32)
+    out.copy_(torch.from_numpy(image).permute(2, 0, 1))
+    return out.sub_(mean).mul_(inv_std)
 
 
 class SegmentationTransform:
-    """An albumentations pipeline applied to sample dicts, with tensors out: image (3, H, W) float32, mask
-    (H, W) int64 (absent masks stay None). ``seed`` makes one call reproducible (see ``SeededSampler``)."""
+    """An albumentations pipeline applied to sample dicts, then normalisation into tensors: image (3, H, W)
+    float32, mask (H, W) int64 (absent masks stay None). ``seed`` makes one call reproducible (see
+    ``SeededSampler``)."""
 
-    def __init__(self, compose: A.Compose) -> None:
+    def __init__(
+        self,
+        compose: A.Compose,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         self.compose = compose
+        self.mean = torch.tensor([m * 255.0 for m in mean], dtype=torch.float32).view(-1, 1, 1)
+        self.inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, sample: SampleDict, seed: Optional[int] = None) -> SampleDict:
         if seed is not None:
             self.compose.set_random_seed(seed)
         mask = sample.get("mask")
         targets = {"image": sample["image"]} if mask is None else {"image": sample["image"], "mask": mask}
-        out = self.compose(**targets)
-        image = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        result = dict(sample, image=image)
+        out = self.compose(**targets) if self.compose.transforms else targets
+        result = dict(sample, image=normalize_to_tensor(out["image"], self.mean, self.inv_std))
         if mask is not None:
             result["mask"] = torch.from_numpy(out["mask"].astype(np.int64, copy=False))
         return result
@@ -162,12 +218,11 @@ def train_transforms(
         # saturation shifts, each applied half the time; all LUT-based on uint8, so cheap.
         steps.append(A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.5, p=0.5))
         steps.append(A.HueSaturationValue(hue_shift_limit=18, sat_shift_limit=30, val_shift_limit=0, p=0.5))
-    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    return SegmentationTransform(A.Compose(steps))
+    return SegmentationTransform(A.Compose(steps), mean, std)
 
 
 def eval_transforms(
     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> SegmentationTransform:
     """Evaluation: full resolution, normalisation only."""
-    return SegmentationTransform(A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)]))
+    return SegmentationTransform(A.Compose([]), mean, std)

@@ -30,8 +30,8 @@ def window(transform, height, width, long_side, seed=0):
     return transform._window(height, width, long_side)
 
 
-@pytest.mark.parametrize("long_side", [40, 97, 160, 333])
-def test_fused_warp_equals_resize_then_pad_then_crop(long_side):
+@pytest.mark.parametrize("long_side", [40, 97, 160, 333])  # 40 and 97 take the resize route, 160 and 333 the warp
+def test_fused_rescale_crop_equals_resize_then_pad_then_crop(long_side):
     data = sample(61, 83)
     crop = (64, 96)
     transform = RandomRescaleCrop(base_size=100, crop_size=crop)
@@ -53,6 +53,10 @@ def test_fused_warp_equals_resize_then_pad_then_crop(long_side):
     assert (image[valid_h:] == 0).all() and (image[:, valid_w:] == 0).all()
     assert (mask[valid_h:] == 255).all() and (mask[:, valid_w:] == 255).all()
     assert set(np.unique(mask[:valid_h, :valid_w])) <= set(np.unique(data["mask"]))
+    # Masks are sampled at the same pixel centres as the image (nearest, never interpolated): both routes equal
+    # OpenCV's centre-aligned nearest resize followed by the crop.
+    resized_mask = cv2.resize(data["mask"], (new_w, new_h), interpolation=cv2.INTER_NEAREST_EXACT)
+    assert np.array_equal(mask[:valid_h, :valid_w], resized_mask[y0 : y0 + valid_h, x0 : x0 + valid_w])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,32 @@
+"""The benchmark scripts run (a smoke test of the tools, not of the speed: speed is measured in bench/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_data_pipeline_bench_prints_its_table(shared, tmp_path):
+    data = shared("data")
+    out = tmp_path / "rates.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "data_pipeline.py"), "--data", str(data), "--seconds", "0.05",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| ADE20K 683x512 JPEG, crop 512" in result.stdout and "| Cityscapes 2048x1024 PNG" in result.stdout
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and all(row["seg"] > 0 and row["decode_only"] > 0 for row in rows)
+
+
+def test_data_pipeline_bench_names_a_missing_data_folder(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "data_pipeline.py"), "--data", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "--data" in result.stderr and "Traceback" not in result.stderr
