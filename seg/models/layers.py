@@ -70,7 +70,7 @@ def set_dropblock_progress(model: nn.Module, progress: float) -> None:
 
 def _synchronised_across_ranks(bn: _BatchNorm) -> bool:
     return (
-        isinstance(bn, nn.SyncBatchNorm)
+        isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm))
         and dist.is_available()
         and dist.is_initialized()
         and dist.get_world_size() > 1
@@ -96,3 +96,87 @@ def pooled_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     ):
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     return bn(x)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm over the union of every rank's batch; the gradient sums are all-reduced the same way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
+        reduce_dims = [0] + list(range(2, x.dim()))
+        count = x.numel() // x.shape[1]
+        # float64 sums: E[x^2] - E[x]^2 loses digits in float32.
+        stats = torch.cat([x.sum(reduce_dims, dtype=torch.float64), x.double().square().sum(reduce_dims),
+                           torch.tensor([count], dtype=torch.float64, device=x.device)])
+        dist.all_reduce(stats, group=group)
+        channels = x.shape[1]
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels : 2 * channels] / total - mean.square()).clamp(min=0)
+        if running_mean is not None:
+            with torch.no_grad():
+                unbiased = var * total / (total - 1).clamp(min=1)
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        invstd = torch.rsqrt(var + eps).to(x.dtype)
+        normalised = (x - mean.to(x.dtype).view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(normalised, weight, invstd)
+        ctx.group, ctx.total = group, total
+        return normalised * weight.view(shape) + bias.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        normalised, weight, invstd = ctx.saved_tensors
+        reduce_dims = [0] + list(range(2, grad_output.dim()))
+        shape = [1, grad_output.shape[1]] + [1] * (grad_output.dim() - 2)
+        grad_weight = (grad_output * normalised).sum(reduce_dims)
+        grad_bias = grad_output.sum(reduce_dims)
+        sums = torch.cat([grad_bias, grad_weight]).double()
+        dist.all_reduce(sums, group=ctx.group)
+        channels = grad_output.shape[1]
+        mean_dy = (sums[:channels] / ctx.total).to(grad_output.dtype).view(shape)
+        mean_dy_xhat = (sums[channels:] / ctx.total).to(grad_output.dtype).view(shape)
+        grad_input = (grad_output - mean_dy - normalised * mean_dy_xhat) * (invstd * weight).view(shape)
+        # Parameter gradients stay local: DDP averages them across ranks like every other parameter's.
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics span every process of the group, on any device (gloo on CPU too).
+
+    PyTorch's ``nn.SyncBatchNorm`` only runs on accelerators; this one all-reduces per-channel sums, so multi-
+    process CPU training normalises exactly like one process holding the whole batch. Outside a process group
+    of two or more, and in eval mode, it is plain BatchNorm. Same parameters and buffers as BatchNorm2d.
+    """
+
+    def __init__(self, *args, process_group=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1):
+            return super().forward(x)
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return _SyncBatchNormFunction.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+            0.1 if self.momentum is None else self.momentum, self.process_group or dist.group.WORLD,
+        )
+
+    @classmethod
+    def convert(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every BatchNorm2d in ``module`` by this class, keeping parameters and statistics."""
+        if isinstance(module, nn.BatchNorm2d) and not isinstance(module, cls):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group=process_group)
+            reference = module.running_mean if module.running_mean is not None else module.weight
+            if reference is not None:  # keep the original's device and precision
+                converted.to(device=reference.device, dtype=reference.dtype)
+            converted.load_state_dict(module.state_dict())
+            converted.train(module.training)
+            return converted
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert(child, process_group))
+        return module

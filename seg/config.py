@@ -1,0 +1,174 @@
+"""Training configuration: one path from defaults to the values a run uses.
+
+Precedence, lowest first: the dataclass defaults, the dataset's recipe (``RECIPES``), an optional TOML file
+(``--config experiments/<name>.toml``), then command-line flags. The resolved config is saved in every
+checkpoint and printed at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the key or file and what was expected."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. ``None`` means "derived" (see :meth:`resolve`)."""
+
+    dataset: str = "toy"
+    backbone: str = "resnest101"
+    data_root: Optional[str] = None
+    output_stride: int = 8
+    # Length: epochs or optimizer steps (``iters`` wins when both are set).
+    epochs: Optional[int] = None
+    iters: Optional[int] = None
+    # Batch: ``total_batch`` images per optimizer step = batch_size x processes x accum.
+    total_batch: int = 16
+    batch_size: Optional[int] = None
+    accum: int = 1
+    # Optimiser: SGD, poly schedule per iteration; lr scales linearly with the total batch (base_lr at 16).
+    base_lr: float = 0.01
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0
+    poly_power: float = 0.9
+    # Model and data.
+    crop_size: int = 480
+    base_size: int = 520
+    scale_range: Tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    aux: bool = True
+    aux_weight: float = 0.5
+    pretrained: str = "auto"
+    # Runtime.
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    output_dir: Optional[str] = None
+    resume: Optional[str] = None
+    eval_every: Optional[int] = None
+    checkpoint_every: Optional[int] = None
+    log_every: int = 10
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved(self, train_size: int, world_size: int) -> "TrainConfig":
+        """A copy with every derived value filled in, for a training set of ``train_size`` images."""
+        cfg = dataclasses.replace(self)
+        if cfg.batch_size is None:
+            cfg.batch_size = max(1, cfg.total_batch // (world_size * cfg.accum))
+        cfg.total_batch = cfg.batch_size * world_size * cfg.accum
+        if cfg.lr is None:
+            cfg.lr = cfg.base_lr * cfg.total_batch / 16
+        iters_per_epoch = max(1, (train_size // world_size) // (cfg.batch_size * cfg.accum))
+        if cfg.iters is None:
+            cfg.iters = (cfg.epochs or 1) * iters_per_epoch
+        cfg.epochs = math.ceil(cfg.iters / iters_per_epoch)
+        if cfg.eval_every is None:
+            cfg.eval_every = max(1, min(cfg.iters, iters_per_epoch * max(1, cfg.epochs // 10)))
+        if cfg.checkpoint_every is None:
+            cfg.checkpoint_every = max(1, min(cfg.iters, 500, cfg.eval_every))
+        if cfg.output_dir is None:
+            cfg.output_dir = str(Path("outputs") / f"{cfg.dataset}_{cfg.backbone}")
+        return cfg
+
+
+# The recipes that produced the published numbers (REFERENCE section 2), and short ones for the small datasets.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    # GluonCV's ADE20K recipe: total batch 16, lr 0.01, 120 epochs, base 520, crop 480, aux 0.5, head 10x.
+    "ade20k": dict(epochs=120, base_size=520, crop_size=480),
+    # GluonCV's Cityscapes recipe: 240 epochs, base 2048, crop 768.
+    "cityscapes": dict(epochs=240, base_size=2048, crop_size=768),
+    # CamVid (367 train images of 480x360): short, from ImageNet weights.
+    "camvid": dict(epochs=60, base_size=480, crop_size=360, total_batch=8, backbone="resnest50"),
+    # The built-in toy data: learnable from scratch in a couple of minutes on a CPU.
+    "toy": dict(backbone="resnest14", pretrained="none", iters=160, total_batch=8, base_lr=0.08,
+                base_size=128, crop_size=96, scale_range=(0.75, 1.5), photometric=False, workers=2,
+                output_stride=8, aux_weight=0.4),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    if key not in FIELDS or key == "extra":
+        known = ", ".join(sorted(k for k in FIELDS if k != "extra"))
+        raise ConfigError(f"{origin}: unknown setting {key!r}; known: {known}")
+    default = FIELDS[key].default
+    if key == "scale_range":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+            raise ConfigError(f"{origin}: scale_range must be two numbers, got {value!r}")
+        return (float(value[0]), float(value[1]))
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{origin}: {key} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def load_toml(path: Path) -> Dict[str, Any]:
+    """The settings of a TOML config file (top-level keys, or a ``[train]`` table)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path}: not valid TOML ({error})") from None
+    data = data.get("train", data)
+    data.pop("published", None)  # experiments/ files carry the paper's numbers beside the recipe
+    return {key: _coerce(key, value, f"--config {path}") for key, value in data.items()}
+
+
+def build_config(flags: Dict[str, Any], config_file: Optional[Path] = None) -> TrainConfig:
+    """Defaults < the dataset's recipe < the TOML file < flags (``None`` flags are "not given")."""
+    file_settings = load_toml(config_file) if config_file else {}
+    given = {key: value for key, value in flags.items() if value is not None}
+    dataset = given.get("dataset", file_settings.get("dataset", TrainConfig.dataset))
+    cfg = TrainConfig()
+    for layer, origin in ((RECIPES.get(dataset, {}), "recipe"), (file_settings, "config"), (given, "flag")):
+        for key, value in layer.items():
+            setattr(cfg, key, _coerce(key, value, origin))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject values no run could use, naming the flag."""
+    checks = [
+        (cfg.crop_size > 0, f"--crop-size must be positive, got {cfg.crop_size}"),
+        (cfg.crop_size <= 4096, f"--crop-size {cfg.crop_size} is larger than allowed (4096)"),
+        (cfg.base_size > 0, f"--base-size must be positive, got {cfg.base_size}"),
+        (cfg.batch_size is None or cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
+        (cfg.accum > 0, f"--accum must be positive, got {cfg.accum}"),
+        (cfg.iters is None or cfg.iters > 0, f"--iters must be positive, got {cfg.iters}"),
+        (cfg.epochs is None or cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}"),
+        (cfg.lr is None or cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.aux_weight >= 0, f"--aux-weight must be >= 0, got {cfg.aux_weight}"),
+        (cfg.amp in ("off", "bf16", "fp16"), f"--amp must be bf16, fp16 or off, got {cfg.amp!r}"),
+        (cfg.output_stride in (8, 16, 32), f"--output-stride must be 8, 16 or 32, got {cfg.output_stride}"),
+        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
+        (0 < cfg.scale_range[0] <= cfg.scale_range[1], f"scale_range must be 0 < min <= max, got {cfg.scale_range}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,63 @@
+"""Process-group setup for ``torchrun`` (one process per device; a single process needs no launcher) and
+synchronised BatchNorm: PyTorch's on CUDA, ``seg.models.layers.SyncBatchNorm`` on CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from seg.models.layers import SyncBatchNorm
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this process's GPU when there is one, else the CPU; ``cuda`` without a GPU is an error."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        return torch.device("cuda", local_rank if requested == "cuda" else int(requested.split(":")[1]))
+    if requested != "cpu":
+        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = pick_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return DistributedContext(rank, local_rank, world_size, chosen)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace BatchNorm by its cross-process version (only meaningful with more than one process)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return SyncBatchNorm.convert(model)

@@ -1,0 +1,329 @@
+"""The training loop: DeepLabV3 with SGD + poly LR, gradient accumulation, AMP, DDP with synchronised BN,
+periodic validation, atomic checkpoints and exact resume.
+
+Read top to bottom: build data, model, optimiser; resume if asked; then iterate optimizer steps, each over
+``accum`` micro-batches, saving ``last.pth`` every ``checkpoint_every`` steps and ``best.pth`` by validation
+mIoU. Everything that determines the next step (weights, optimiser and LR state, scaler, RNG states, position
+in the epoch) is in the checkpoint, so a killed run resumed with ``--resume auto`` ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from seg.config import TrainConfig
+from seg.data import build_dataset, eval_transforms, train_transforms
+from seg.data.base import IGNORE_INDEX
+from seg.data.loader import SeededSampler, build_dataloader
+from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from seg.models import PUBLISHED_WEIGHTS, build_segmentor, set_dropblock_progress
+
+from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from .distributed import DistributedContext, init_distributed, synchronise_batchnorm
+from .evaluator import evaluate
+from .lr_schedule import poly_schedule
+from .metrics import format_metrics_table
+from .plots import overlay, save_training_curves
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a dataset smaller than a batch); the message says why."""
+
+
+def resolve_pretrained(cfg: TrainConfig) -> Optional[str]:
+    """``auto``: the backbone's published ImageNet weights (none for the toy data); ``none``: random init."""
+    if cfg.pretrained == "none":
+        return None
+    if cfg.pretrained == "auto":
+        return cfg.backbone if cfg.dataset != "toy" and cfg.backbone in PUBLISHED_WEIGHTS else None
+    return cfg.pretrained
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
+    """The backbone at the base lr, the heads at ``head_lr_mult`` x (the paper's recipe)."""
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    backbone_ids = {id(p) for p in backbone}
+    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
+    return [{"params": backbone, "lr": cfg.lr}, {"params": heads, "lr": cfg.lr * cfg.head_lr_mult}]
+
+
+def segmentation_loss(outputs, target: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    """Cross-entropy of the main logits plus ``aux_weight`` x that of the auxiliary logits (ignore = 255)."""
+    if isinstance(outputs, tuple):
+        main, aux = outputs
+        return F.cross_entropy(main, target, ignore_index=IGNORE_INDEX) + aux_weight * F.cross_entropy(
+            aux, target, ignore_index=IGNORE_INDEX
+        )
+    return F.cross_entropy(outputs, target, ignore_index=IGNORE_INDEX)
+
+
+class Trainer:
+    """One training run of ``cfg`` (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, context: Optional[DistributedContext] = None) -> None:
+        self.context = context or init_distributed(cfg.device)
+        ctx = self.context
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=ctx.device.type == "cuda")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+        self.train_set = build_dataset(
+            cfg.dataset, "train", root=cfg.data_root,
+            transforms=train_transforms(cfg.crop_size, cfg.base_size, tuple(cfg.scale_range), cfg.cat_max_ratio,
+                                        photometric=cfg.photometric),
+        )
+        self.val_set = build_dataset(cfg.dataset, "val", root=cfg.data_root, transforms=eval_transforms())
+        self.cfg = cfg = cfg.resolved(len(self.train_set), ctx.world_size)
+        self.steps_per_epoch = (len(self.train_set) // ctx.world_size) // (cfg.batch_size * cfg.accum)
+        if self.steps_per_epoch < 1:
+            raise TrainingError(
+                f"the {cfg.dataset} train split has {len(self.train_set)} images, fewer than one step's "
+                f"{cfg.batch_size * cfg.accum * ctx.world_size}; lower --batch-size or --accum"
+            )
+        self.output_dir = Path(cfg.output_dir)
+
+        model = build_segmentor(
+            "deeplabv3", backbone=cfg.backbone, num_classes=self.train_set.num_classes,
+            output_stride=cfg.output_stride, aux=cfg.aux, pretrained_backbone=resolve_pretrained(cfg),
+        )
+        if ctx.world_size > 1:
+            model = synchronise_batchnorm(model, ctx.device)
+        model.to(ctx.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = poly_schedule(self.optimizer, cfg.iters, cfg.poly_power)
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
+        self.network: nn.Module = model
+        if ctx.world_size > 1:
+            self.network = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                                   else None)
+        if cfg.compile:
+            self.network = torch.compile(self.network)
+
+        self.iteration = 0
+        self.best_miou = -1.0
+        self.history: Dict[str, List[Tuple[float, float]]] = {"loss": [], "lr": [], "val mIoU": []}
+        self.stop_signal: Optional[int] = None
+        self.sampler = SeededSampler(len(self.train_set), shuffle=True, seed=cfg.seed, drop_last=True)
+        self.loader = build_dataloader(self.train_set, cfg.batch_size, train=True, workers=cfg.workers,
+                                       seed=cfg.seed, sampler=self.sampler)
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def checkpoint_payload(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        states = [rng_state()]
+        if self.context.world_size > 1:
+            states = [None] * self.context.world_size
+            dist.all_gather_object(states, rng_state())
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "rng": states,
+            "best_miou": self.best_miou,
+            "history": {k: [list(p) for p in v] for k, v in self.history.items()},
+            "config": cfg.to_dict(),
+            # What inference needs, so a checkpoint alone rebuilds the predictor.
+            "model_config": {"segmentor": "deeplabv3", "backbone": cfg.backbone,
+                             "num_classes": self.train_set.num_classes, "output_stride": cfg.output_stride,
+                             "aux": cfg.aux},
+            "classes": list(self.train_set.classes),
+            "palette": self.train_set.palette.tolist(),
+            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "dataset": cfg.dataset,
+        }
+
+    def save(self, name: str) -> Optional[Path]:
+        payload = self.checkpoint_payload()  # every rank joins the RNG gather
+        if not self.context.is_main:
+            return None
+        return save_checkpoint(payload, self.output_dir / name)
+
+    def resume(self, source: str) -> bool:
+        """Load ``last.pth`` (``auto``, if present) or the given file; False when ``auto`` finds nothing."""
+        path = self.output_dir / "last.pth" if source == "auto" else Path(source)
+        if source == "auto" and not path.is_file():
+            return False
+        payload = load_checkpoint(path)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.iteration = int(payload["iteration"])
+        self.best_miou = float(payload["best_miou"])
+        self.history = {k: [tuple(p) for p in v] for k, v in payload["history"].items()}
+        states = payload["rng"]
+        if len(states) == self.context.world_size:
+            restore_rng_state(states[self.context.rank])
+        set_dropblock_progress(self.model, self.iteration / self.cfg.iters)
+        return True
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if self.context.is_main:
+            with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _request_stop(self, signum, _frame) -> None:
+        self.stop_signal = signum
+
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over ``accum`` micro-batches; returns the mean loss (a 0-d tensor)."""
+        cfg, device = self.cfg, self.context.device
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for micro in range(cfg.accum):
+            batch = next(batches)
+            image = batch["image"].to(device, non_blocking=True)
+            target = batch["mask"].to(device, non_blocking=True)
+            if cfg.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            sync = micro == cfg.accum - 1 or not isinstance(self.network, DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.network.no_sync():
+                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = segmentation_loss(self.network(image), target, cfg.aux_weight if cfg.aux else 0.0)
+                self.scaler.scale(loss / cfg.accum).backward()
+            total += loss.detach()
+        return total / cfg.accum
+
+    def run(self) -> Dict[str, Any]:
+        cfg, ctx = self.cfg, self.context
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume(cfg.resume) if cfg.resume else False
+        if ctx.is_main:
+            start = f"resumed at iteration {self.iteration}" if resumed else "from scratch"
+            print(f"training DeepLabV3-{cfg.backbone} on {cfg.dataset} ({len(self.train_set)} train / "
+                  f"{len(self.val_set)} val images) {start}; total batch {cfg.total_batch} = {cfg.batch_size} "
+                  f"x {ctx.world_size} process(es) x {cfg.accum} accumulation, lr {cfg.lr:g} (heads x"
+                  f"{cfg.head_lr_mult:g}), {cfg.iters} iterations ({cfg.epochs} epochs), device {ctx.device}, "
+                  f"output {self.output_dir}", flush=True)
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._loop()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _loop(self) -> Dict[str, Any]:
+        cfg, ctx = self.cfg, self.context
+        self.network.train()
+        bar = tqdm(total=cfg.iters, initial=self.iteration, desc="train", unit="it", disable=not ctx.is_main,
+                   dynamic_ncols=True)
+        try:
+            return self._iterate(bar)
+        finally:
+            bar.close()
+
+    def _iterate(self, bar: tqdm) -> Dict[str, Any]:
+        cfg, ctx = self.cfg, self.context
+        images_per_step = cfg.total_batch
+        metrics: Dict[str, Any] = {}
+        while self.iteration < cfg.iters:
+            epoch, step = divmod(self.iteration, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, start=step * cfg.batch_size * cfg.accum)
+            batches = iter(self.loader)
+            tick, steps_since_tick = time.perf_counter(), 0
+            for _ in range(step, self.steps_per_epoch):
+                loss = self.train_step(batches)
+                finite = torch.isfinite(loss).float()
+                if ctx.world_size > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() < 1:
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at iteration {self.iteration + 1}; stopped without saving "
+                        f"(the last good checkpoint in {self.output_dir} is intact); try a lower --lr or --amp off"
+                    )
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.iteration += 1
+                steps_since_tick += 1
+                set_dropblock_progress(self.model, self.iteration / cfg.iters)
+
+                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iters:
+                    now = time.perf_counter()
+                    speed = images_per_step * steps_since_tick / max(now - tick, 1e-9)
+                    tick, steps_since_tick = now, 0
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    value = loss.item()
+                    self.history["loss"].append((self.iteration, value))
+                    self.history["lr"].append((self.iteration, lr))
+                    self.log({"iteration": self.iteration, "epoch": epoch, "loss": value, "lr": lr,
+                              "images_per_s": speed})
+                    bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+                bar.update(1)
+
+                done = self.iteration == cfg.iters
+                paused = False
+                if self.iteration % cfg.eval_every == 0 or done:
+                    metrics = self.validate()
+                    paused = True
+                if self.iteration % cfg.checkpoint_every == 0 or done or self.stop_signal is not None:
+                    self.save("last.pth")
+                    paused = True
+                if paused:  # throughput counts training steps only
+                    tick, steps_since_tick = time.perf_counter(), 0
+                if self.stop_signal is not None:
+                    bar.close()
+                    if ctx.is_main:
+                        print(f"stopped by signal {self.stop_signal} at iteration {self.iteration}; "
+                              f"{self.output_dir / 'last.pth'} saved; continue with --resume auto", flush=True)
+                    return {"interrupted": self.stop_signal, "iteration": self.iteration}
+                if done:
+                    break
+        bar.close()
+        self.finish()
+        return {"iteration": self.iteration, **metrics}
+
+    def validate(self) -> Dict[str, Any]:
+        cfg, ctx = self.cfg, self.context
+        metrics = evaluate(self.model, self.val_set, ctx.device, workers=min(cfg.workers, 2),
+                           amp_dtype=self.amp_dtype, channels_last=cfg.channels_last, progress=ctx.is_main)
+        self.history["val mIoU"].append((self.iteration, metrics["mIoU"]))
+        self.log({"iteration": self.iteration, **{k: v for k, v in metrics.items() if k != "per_class"},
+                  "per_class_IoU": {k: v["IoU"] for k, v in metrics["per_class"].items()}})
+        if ctx.is_main:
+            tqdm.write(f"validation at iteration {self.iteration}:\n{format_metrics_table(metrics)}")
+        if metrics["mIoU"] > self.best_miou and not math.isnan(metrics["mIoU"]):
+            self.best_miou = metrics["mIoU"]
+            self.save("best.pth")
+        self.model.train()
+        return metrics
+
+    def finish(self) -> None:
+        """Curves and a prediction overlay, for people to look at."""
+        if not self.context.is_main:
+            return
+        save_training_curves(self.history, self.output_dir / "curves.png")
+        sample = self.val_set.load(0)
+        self.model.eval()
+        with torch.no_grad():
+            image = eval_transforms()(sample)["image"][None].to(self.context.device)
+            prediction = self.model(image).argmax(1)[0].cpu().numpy()
+        overlay(sample["image"], prediction, self.val_set.palette).save(self.output_dir / "prediction_overlay.png")
+        print(f"best validation mIoU {100 * self.best_miou:.2f}; wrote {self.output_dir / 'best.pth'}, "
+              f"{self.output_dir / 'last.pth'}, curves.png, prediction_overlay.png, log.jsonl", flush=True)

@@ -1,0 +1,84 @@
+"""``python -m seg.train``: train DeepLabV3 with the paper's recipe (one process, or many under ``torchrun``).
+
+    python -m seg.train --dataset ade20k --backbone resnest101          # the paper's ADE20K recipe
+    torchrun --nproc_per_node=8 -m seg.train --dataset cityscapes        # 8 GPUs, synchronised BN
+    python -m seg.train --config experiments/ade20k_deeplabv3_resnest50.toml --iters 1000
+    python -m seg.train                                                  # the built-in toy data, a few minutes on CPU
+
+Defaults come from the dataset's recipe (see ``seg.config.RECIPES``), then ``--config``, then these flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from seg.config import RECIPES, ConfigError, build_config
+from seg.data import DataError, list_datasets
+from seg.engine.checkpoint import CheckpointError
+from seg.engine.distributed import shutdown_distributed
+from seg.models import PretrainedWeightsError, list_backbones
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m seg.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Dataset recipes: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
+    add = p.add_argument
+    add("--config", type=Path, help="TOML file of settings (flags override it)")
+    add("--dataset", help=f"one of {', '.join(list_datasets())} (default: toy)")
+    add("--backbone", help="registered backbone (default: the recipe's, resnest101 for ADE20K/Cityscapes)")
+    add("--data-root", help="the dataset's folder (default: $SEG_DATA_ROOT/<dataset>, else ./datasets/<dataset>)")
+    add("--epochs", type=int, help="training epochs (ADE20K 120, Cityscapes 240)")
+    add("--iters", type=int, help="optimizer steps (overrides --epochs)")
+    add("--batch-size", type=int, help="images per process per micro-batch (default: total batch 16 / processes)")
+    add("--accum", type=int, help="micro-batches accumulated per optimizer step")
+    add("--lr", type=float, help="learning rate (default: 0.01 x total batch / 16)")
+    add("--crop-size", type=int, help="training crop side (ADE20K 480, Cityscapes 768)")
+    add("--base-size", type=int, help="reference long side for the random rescale (ADE20K 520, Cityscapes 2048)")
+    add("--output-stride", type=int, help="backbone output stride: 8 (default), 16 or 32")
+    add("--aux-weight", type=float, help="weight of the auxiliary loss (default 0.5)")
+    add("--no-aux", dest="aux", action="store_const", const=False, help="no auxiliary head")
+    add("--pretrained", help="backbone weights: auto (published ImageNet weights; none for toy), none, name or file")
+    add("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (default off)")
+    add("--channels-last", action="store_const", const=True, help="channels_last memory format")
+    add("--compile", action="store_const", const=True, help="torch.compile the model")
+    add("--deterministic", action="store_const", const=True, help="deterministic algorithms only")
+    add("--workers", type=int, help="DataLoader workers per process")
+    add("--seed", type=int, help="random seed (default 0)")
+    add("--output-dir", help="where checkpoints and logs go (default: outputs/<dataset>_<backbone>)")
+    add("--resume", help="auto (last.pth in the output directory, if any) or a checkpoint path")
+    add("--eval-every", type=int, help="validate every N iterations (default: ~10 times per run)")
+    add("--checkpoint-every", type=int, help="write last.pth every N iterations")
+    add("--log-every", type=int, help="log loss, lr and throughput every N iterations (default 10)")
+    add("--device", help="auto (default), cpu or cuda")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    if args.dataset is not None and args.dataset not in list_datasets():
+        parser().error(f"--dataset {args.dataset!r} is unknown; choose one of: {', '.join(list_datasets())}")
+    if args.backbone is not None and args.backbone not in list_backbones():
+        parser().error(f"--backbone {args.backbone!r} is unknown; choose one of: {', '.join(list_backbones())}")
+    # The engine (and torch's CUDA/distributed stack) loads only once the command line is known to be sound.
+    from seg.engine.trainer import Trainer, TrainingError
+
+    try:
+        cfg = build_config(flags, args.config)
+        result = Trainer(cfg).run()
+    except (ConfigError, DataError, PretrainedWeightsError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    return 128 + result["interrupted"] if "interrupted" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
