@@ -65,6 +65,7 @@ class TrainConfig:
     output_dir: Optional[str] = None
     resume: Optional[str] = None
     eval_every: Optional[int] = None
+    val_limit: Optional[int] = None
     checkpoint_every: Optional[int] = None
     log_every: int = 10
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -167,6 +168,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.amp in ("off", "bf16", "fp16"), f"--amp must be bf16, fp16 or off, got {cfg.amp!r}"),
         (cfg.output_stride in (8, 16, 32), f"--output-stride must be 8, 16 or 32, got {cfg.output_stride}"),
         (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
+        (cfg.val_limit is None or cfg.val_limit > 0, f"--val-limit must be positive, got {cfg.val_limit}"),
         (0 < cfg.scale_range[0] <= cfg.scale_range[1], f"scale_range must be 0 < min <= max, got {cfg.scale_range}"),
     ]
     for ok, message in checks:

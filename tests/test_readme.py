@@ -1,5 +1,5 @@
 """The README's promises: the backbone table is what the code computes, and Quick start has exactly the two
-command lines (demo and tests) that CI reads."""
+command lines (train on the toy data, run the tests) that CI reads."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ def test_backbone_table_matches_the_models():
     assert backbone_table() in README
 
 
-def test_quick_start_has_one_demo_and_one_test_command():
+def test_quick_start_has_one_train_and_one_test_command():
     quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     assert quick_start.count("```bash") == 2
-    demo, tests = fenced_command("demo-command"), fenced_command("test-command")
-    assert len(demo) == 1 and "pip install -e ." in demo[0] and "seg.demo" in demo[0]
+    train, tests = fenced_command("train-command"), fenced_command("test-command")
+    assert len(train) == 1 and "pip install -e ." in train[0] and train[0].endswith("-m seg.train")
     assert len(tests) == 1 and '.[test]' in tests[0] and "pytest" in tests[0]
 
 

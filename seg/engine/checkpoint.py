@@ -88,3 +88,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_from_checkpoint(payload: Mapping[str, Any]) -> torch.nn.Module:
+    """Rebuild the segmentor a ``seg`` checkpoint describes and load its weights (eval mode, on the CPU)."""
+    from seg.models import build_segmentor  # the engine sits above the models; imported here to keep this light
+
+    spec = dict(payload["model_config"])
+    model = build_segmentor(spec.pop("segmentor"), **spec)
+    model.load_state_dict(payload["model"])
+    return model.eval()

@@ -88,6 +88,8 @@ class Trainer:
                                         photometric=cfg.photometric),
         )
         self.val_set = build_dataset(cfg.dataset, "val", root=cfg.data_root, transforms=eval_transforms())
+        if cfg.val_limit is not None:
+            self.val_set.samples = self.val_set.samples[: cfg.val_limit]
         self.cfg = cfg = cfg.resolved(len(self.train_set), ctx.world_size)
         self.steps_per_epoch = (len(self.train_set) // ctx.world_size) // (cfg.batch_size * cfg.accum)
         if self.steps_per_epoch < 1:
