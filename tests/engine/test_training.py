@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -117,3 +118,14 @@ def test_user_mistakes_are_one_line_and_exit_2(args, message, tmp_path):
     result = train(*args, "--output-dir", str(tmp_path / "out"), timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_without_network_the_default_weights_error_names_both_alternatives(shared, tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "hub"), https_proxy="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    result = train("--dataset", "camvid", "--data-root", str(shared("data", "camvid")), "--backbone", "resnest50",
+                   "--iters", "1", "--output-dir", str(tmp_path / "out"), env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "resnest50-528c19ca.pth" in line and "--pretrained PATH" in line and "--pretrained none" in line
+    assert "Traceback" not in result.stderr
