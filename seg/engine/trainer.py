@@ -41,6 +41,15 @@ from .plots import overlay, save_training_curves
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def tensorboard_writer(output_dir: Path):
+    """A SummaryWriter into ``output_dir/tensorboard`` when the ``tensorboard`` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a dataset smaller than a batch); the message says why."""
 
@@ -125,6 +134,7 @@ class Trainer:
         self.best_miou = -1.0
         self.history: Dict[str, List[Tuple[float, float]]] = {"loss": [], "lr": [], "val mIoU": []}
         self.stop_signal: Optional[int] = None
+        self.tensorboard = None  # created on the first log line, on rank 0
         self.sampler = SeededSampler(len(self.train_set), shuffle=True, seed=cfg.seed, drop_last=True)
         self.loader = build_dataloader(self.train_set, cfg.batch_size, train=True, workers=cfg.workers,
                                        seed=cfg.seed, sampler=self.sampler)
@@ -185,9 +195,18 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------
 
     def log(self, record: Dict[str, Any]) -> None:
-        if self.context.is_main:
-            with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+        """Append ``record`` to log.jsonl (and its numbers to TensorBoard, when installed); rank 0 only."""
+        if not self.context.is_main:
+            return
+        with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is None:
+            self.tensorboard = tensorboard_writer(self.output_dir) or False
+        if self.tensorboard:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["iteration"])
+            self.tensorboard.flush()
 
     def _request_stop(self, signum, _frame) -> None:
         self.stop_signal = signum

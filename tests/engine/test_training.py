@@ -43,6 +43,8 @@ def test_a_run_leaves_checkpoints_logs_and_pictures(uninterrupted):
     output, result = uninterrupted
     for name in ("last.pth", "best.pth", "log.jsonl", "curves.png", "prediction_overlay.png"):
         assert (output / name).is_file(), name
+    pytest.importorskip("tensorboard", reason="TensorBoard event files are written only when it is installed")
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
     assert "total batch 2 = 2 x 1 process(es) x 1 accumulation" in result.stdout
     checkpoint = load_checkpoint(output / "last.pth")
     assert checkpoint["iteration"] == 8 and checkpoint["classes"] == ["background", "disc", "box", "stripe"]
@@ -129,3 +131,14 @@ def test_without_network_the_default_weights_error_names_both_alternatives(share
     line = result.stderr.strip().splitlines()[-1]
     assert "resnest50-528c19ca.pth" in line and "--pretrained PATH" in line and "--pretrained none" in line
     assert "Traceback" not in result.stderr
+
+
+def test_bf16_autocast_and_channels_last_train(tmp_path):
+    output = tmp_path / "bf16"
+    result = train(*TINY, "--iters", "3", "--eval-every", "3", "--amp", "bf16", "--channels-last",
+                   "--output-dir", str(output))
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = load_checkpoint(output / "last.pth")
+    assert checkpoint["config"]["amp"] == "bf16" and checkpoint["config"]["channels_last"] is True
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
+    assert 0 <= checkpoint["best_miou"] <= 1
