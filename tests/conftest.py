@@ -58,6 +58,23 @@ def randomize_batchnorm() -> Callable[..., torch.nn.Module]:
     return _randomize_batchnorm
 
 
+TINY_TRAINING = ["--dataset", "toy", "--iters", "8", "--batch-size", "2", "--crop-size", "48", "--base-size", "64",
+                 "--workers", "0", "--eval-every", "4", "--log-every", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_training_run(tmp_path_factory):
+    """A finished 8-iteration toy run (output folder, completed process), shared by the engine and CLI tests."""
+    import subprocess
+    import sys
+
+    output = tmp_path_factory.mktemp("tiny_run")
+    result = subprocess.run([sys.executable, "-m", "seg.train", *TINY_TRAINING, "--output-dir", str(output)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output, result
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)

@@ -127,6 +127,8 @@ class SegmentationDataset(Dataset):
         self.transforms = transforms
         self.describe_labels = describe_labels or f"0..{len(self.classes) - 1} and {IGNORE_INDEX} (ignore)"
         self.problems = list(problems)  # unpaired files skipped with allow_unpaired=True
+        # Train id -> the dataset's own stored value, for predictions saved for official evaluators.
+        self.export_table = np.arange(256, dtype=np.uint8)
 
     @property
     def num_classes(self) -> int:
@@ -156,6 +158,10 @@ class SegmentationDataset(Dataset):
     def _bad_values_message(self, path: Path, bad: np.ndarray) -> str:
         shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
         return f"{path}: label values {shown} are outside {self.name}'s range ({self.describe_labels})"
+
+    def to_stored_ids(self, train_ids: np.ndarray) -> np.ndarray:
+        """(H, W) train ids -> the dataset's own label values (Cityscapes label ids, ADE20K 1..150, ...)."""
+        return self.export_table[train_ids.astype(np.uint8)]
 
     def load(self, index: int) -> SampleDict:
         """The sample as stored: image, train-id mask (None without labels) and image path."""

@@ -114,4 +114,6 @@ def cityscapes(
         "cityscapes", split, samples, CLASSES, table, PALETTE, transforms, described, problems
     )
     dataset.label_mode = label_mode
+    for train_id, label_id in TRAIN_ID_TO_ID.items():  # predictions are saved as official label ids
+        dataset.export_table[train_id] = label_id
     return dataset

@@ -1,9 +1,9 @@
-"""Evaluation over a dataset: whole-image inference, a confusion matrix accumulated across processes, each
-image counted exactly once."""
+"""Evaluation over a dataset: any inference mode, a confusion matrix accumulated across processes, each image
+counted exactly once."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,7 @@ from tqdm import tqdm
 from seg.data.base import SegmentationDataset
 from seg.data.loader import distributed_context
 
+from .inference import InferenceConfig, predict_probabilities
 from .metrics import ConfusionMatrix
 
 
@@ -32,32 +33,45 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.length, self.world_size))
 
 
+PredictionCallback = Callable[[int, torch.Tensor], None]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     dataset: SegmentationDataset,
     device: torch.device,
+    inference: Optional[InferenceConfig] = None,
     workers: int = 2,
-    amp_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
     progress: bool = True,
+    on_prediction: Optional[PredictionCallback] = None,
 ) -> Dict[str, object]:
-    """Whole-image evaluation of ``model`` (eval mode) on ``dataset`` (with eval transforms).
+    """Evaluate ``model`` on ``dataset`` (eval transforms) with an inference mode (default: whole image).
 
-    Returns the metrics of :func:`seg.engine.metrics.metrics_from_confusion` over all processes' images.
+    Each process takes its shard (:class:`ShardSampler`); the confusion matrices are summed across processes.
+    ``on_prediction(index, prediction)`` receives every (H, W) prediction (e.g. to save it).
+
+    Returns:
+        The metrics of :func:`seg.engine.metrics.metrics_from_confusion`.
     """
+    inference = inference or InferenceConfig()
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset)), num_workers=workers,
+    sampler = ShardSampler(len(dataset))
+    loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda")
     confusion = ConfusionMatrix(dataset.num_classes, device=device)
-    for batch in tqdm(loader, desc="validate", unit="img", disable=not progress, leave=False):
+    batches = tqdm(loader, desc="evaluate", unit="img", disable=not progress, leave=False)
+    for index, batch in zip(sampler, batches, strict=True):
         image = batch["image"].to(device, non_blocking=True)
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(image)
-        confusion.update(logits.argmax(1), batch["mask"].to(device, non_blocking=True))
+        prediction = predict_probabilities(model, image, inference).argmax(1)
+        if batch["mask"] is not None and not isinstance(batch["mask"], list):
+            confusion.update(prediction, batch["mask"].to(device, non_blocking=True))
+        if on_prediction is not None:
+            on_prediction(index, prediction[0])
     confusion.all_reduce()
     model.train(was_training)
     return confusion.compute(dataset.classes)

@@ -44,8 +44,10 @@ class ConfusionMatrix:
             dist.all_reduce(self.matrix)
 
     def compute(self, class_names: Optional[Sequence[str]] = None) -> Dict[str, object]:
-        """The metrics as fractions in [0, 1]; per-class entries are NaN where undefined."""
-        return metrics_from_confusion(self.matrix.cpu().numpy(), class_names)
+        """The metrics as fractions in [0, 1] (per-class entries NaN where undefined), and the matrix itself
+        under ``confusion_matrix`` (rows = ground truth)."""
+        matrix = self.matrix.cpu().numpy()
+        return {**metrics_from_confusion(matrix, class_names), "confusion_matrix": matrix.tolist()}
 
 
 def metrics_from_confusion(matrix: np.ndarray, class_names: Optional[Sequence[str]] = None) -> Dict[str, object]:

@@ -69,3 +69,27 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: flo
     colours = np.asarray(colorize(mask, palette), dtype=np.float32)
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
     return Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
+
+
+def save_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> None:
+    """A PNG heat map of the row-normalised confusion matrix (rows = ground truth, columns = prediction), with
+    class names along the left edge when there are few enough to read."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    n = len(class_names)
+    cell = max(4, min(40, 800 // max(n, 1)))
+    label_width = 110 if n <= 40 else 0
+    size = n * cell
+    image = Image.new("RGB", (label_width + size + 2, size + 24), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.text((label_width, 4), "confusion (rows: ground truth, columns: prediction)", fill=(0, 0, 0))
+    shade = (255 * (1 - normalised)).astype(np.uint8)
+    heat = np.stack([shade, shade, np.full_like(shade, 255)], axis=-1)  # white -> blue
+    heat_image = Image.fromarray(heat).resize((size, size), Image.NEAREST)
+    image.paste(heat_image, (label_width, 20))
+    if label_width:
+        for index, name in enumerate(class_names):
+            draw.text((2, 20 + index * cell + max(0, (cell - 10) // 2)), str(name)[:16], fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

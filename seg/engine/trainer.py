@@ -34,6 +34,7 @@ from seg.models import PUBLISHED_WEIGHTS, build_segmentor, set_dropblock_progres
 from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .distributed import DistributedContext, init_distributed, synchronise_batchnorm
 from .evaluator import evaluate
+from .inference import InferenceConfig
 from .lr_schedule import poly_schedule
 from .metrics import format_metrics_table
 from .plots import overlay, save_training_curves
@@ -322,10 +323,11 @@ class Trainer:
 
     def validate(self) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.context
-        metrics = evaluate(self.model, self.val_set, ctx.device, workers=min(cfg.workers, 2),
-                           amp_dtype=self.amp_dtype, channels_last=cfg.channels_last, progress=ctx.is_main)
+        metrics = evaluate(self.model, self.val_set, ctx.device, InferenceConfig(amp_dtype=self.amp_dtype),
+                           workers=min(cfg.workers, 2), channels_last=cfg.channels_last, progress=ctx.is_main)
         self.history["val mIoU"].append((self.iteration, metrics["mIoU"]))
-        self.log({"iteration": self.iteration, **{k: v for k, v in metrics.items() if k != "per_class"},
+        summary = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
+        self.log({"iteration": self.iteration, **summary,
                   "per_class_IoU": {k: v["IoU"] for k, v in metrics["per_class"].items()}})
         if ctx.is_main:
             tqdm.write(f"validation at iteration {self.iteration}:\n{format_metrics_table(metrics)}")

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAINING as TINY
 
 from seg.engine.checkpoint import load_checkpoint
-
-TINY = ["--dataset", "toy", "--iters", "8", "--batch-size", "2", "--crop-size", "48", "--base-size", "64",
-        "--workers", "0", "--eval-every", "4", "--log-every", "1", "--seed", "3"]
 
 
 def train(*args, timeout=300, **kwargs):
@@ -31,12 +29,9 @@ def logged_iterations(output: Path):
     return [json.loads(line)["iteration"] for line in log.read_text().splitlines() if '"loss"' in line]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    output = tmp_path_factory.mktemp("uninterrupted")
-    result = train(*TINY, "--output-dir", str(output))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return output, result
+@pytest.fixture
+def uninterrupted(tiny_training_run):
+    return tiny_training_run
 
 
 def test_a_run_leaves_checkpoints_logs_and_pictures(uninterrupted):

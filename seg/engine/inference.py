@@ -1,0 +1,146 @@
+"""Inference modes, one implementation for evaluation, prediction and validation during training.
+
+- ``whole``: the full image in one pass (the model takes any size).
+- ``slide``: ``crop x crop`` windows every ``stride`` pixels (default 2/3 crop), the last window flush with the
+  border (mmsegmentation's rule, so no window is padded unless the image is smaller than a crop), windows run in
+  batches, overlapping probabilities averaged.
+- multi-scale + flip: the image resized so its long side is ``base_size x scale`` for each scale (the image's own
+  long side when ``base_size`` is None), each view also flipped (batched with the original), softmax
+  probabilities resized back to the original resolution and averaged, argmax at the end.
+
+Probabilities (softmax in float32) rather than Encoding's ``exp(logits)`` sums are averaged, so no logit size
+overflows. With one scale 1.0, no base size and no flip, the result is ``whole`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The datasets' multi-scale evaluation scales (REFERENCE section 2).
+MS_SCALES = {
+    "ade20k": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    "cityscapes": (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25),
+}
+DEFAULT_MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How to turn an image into class probabilities.
+
+    Attributes:
+        mode: ``whole`` or ``slide``.
+        crop_size: window side for ``slide``.
+        stride: window step for ``slide`` (default 2/3 of the crop).
+        scales: resize factors (of ``base_size``, or of the image's long side when it is None).
+        flip: add the horizontally flipped view.
+        base_size: reference long side for the scales.
+        window_batch: windows per forward pass in ``slide``.
+        amp_dtype: autocast dtype (bf16/fp16) or None.
+    """
+
+    mode: str = "whole"
+    crop_size: int = 512
+    stride: Optional[int] = None
+    scales: Tuple[float, ...] = (1.0,)
+    flip: bool = False
+    base_size: Optional[int] = None
+    window_batch: int = 4
+    amp_dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("whole", "slide"):
+            raise ValueError(f"--mode must be whole or slide, got {self.mode!r}")
+        if self.crop_size <= 0:
+            raise ValueError(f"--crop-size must be positive, got {self.crop_size}")
+        if self.stride is not None and not 0 < self.stride <= self.crop_size:
+            raise ValueError(f"--stride must be in 1..crop size ({self.crop_size}), got {self.stride}")
+        if not self.scales or any(not (s > 0 and math.isfinite(s)) for s in self.scales):
+            raise ValueError(f"--scales must be positive numbers, got {list(self.scales)}")
+
+
+def _forward(model: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(images)
+    return logits.float().softmax(dim=1)
+
+
+def window_starts(length: int, crop: int, stride: int) -> List[int]:
+    """Window offsets along one axis: every ``stride``, the last one flush with the end."""
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop, stride))
+    return starts + [length - crop]
+
+
+def slide_probabilities(model: nn.Module, image: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, C, H, W) probabilities from overlapping ``crop x crop`` windows."""
+    n, _, height, width = image.shape
+    crop = config.crop_size
+    stride = config.stride or max(1, (2 * crop) // 3)
+    # Smaller than a window: pad bottom/right (zeros, i.e. the mean colour after normalisation), crop back later.
+    padded = F.pad(image, (0, max(crop - width, 0), 0, max(crop - height, 0)))
+    full_h, full_w = padded.shape[2], padded.shape[3]
+    boxes = [(y, x) for y in window_starts(full_h, crop, stride) for x in window_starts(full_w, crop, stride)]
+    total = None
+    counts = torch.zeros((1, 1, full_h, full_w), device=image.device)
+    for first in range(0, len(boxes), config.window_batch):
+        chunk = boxes[first : first + config.window_batch]
+        windows = torch.cat([padded[:, :, y : y + crop, x : x + crop] for y, x in chunk])
+        probabilities = _forward(model, windows, config.amp_dtype)
+        if total is None:
+            total = torch.zeros((n, probabilities.shape[1], full_h, full_w), device=image.device)
+        for index, (y, x) in enumerate(chunk):
+            total[:, :, y : y + crop, x : x + crop] += probabilities[index * n : (index + 1) * n]
+            counts[:, :, y : y + crop, x : x + crop] += 1
+    return (total / counts)[:, :, :height, :width]
+
+
+def single_scale_probabilities(model: nn.Module, image: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, C, H, W) probabilities, whole or slide, with the flipped view batched in."""
+    views = torch.cat([image, image.flip(-1)]) if config.flip else image
+    if config.mode == "slide":
+        probabilities = slide_probabilities(model, views, config)
+    else:
+        probabilities = _forward(model, views, config.amp_dtype)
+    if config.flip:
+        n = image.shape[0]
+        probabilities = (probabilities[:n] + probabilities[n:].flip(-1)) / 2
+    return probabilities
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, image: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
+    """Class probabilities (N, C, H, W) at the input's resolution for a normalised (N, 3, H, W) batch.
+
+    ``model`` must be in eval mode. Each scale's probabilities are resized back and averaged one scale at a time,
+    so memory holds one scale's views plus one (N, C, H, W) float32 sum.
+    """
+    height, width = image.shape[2], image.shape[3]
+    long_side = config.base_size or max(height, width)
+    total: Optional[torch.Tensor] = None
+    for scale in config.scales:
+        target = math.ceil(long_side * scale)
+        factor = target / max(height, width)
+        size = (max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5)))
+        view = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
+                                                                    align_corners=True)
+        probabilities = single_scale_probabilities(model, view, config)
+        if size != (height, width):
+            probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=True)
+        total = probabilities if total is None else total + probabilities
+    return total / len(config.scales)
+
+
+def ms_flip_config(dataset: str, base_size: Optional[int], crop_size: int, mode: str = "slide",
+                   scales: Optional[Sequence[float]] = None, amp_dtype: Optional[torch.dtype] = None
+                   ) -> InferenceConfig:
+    """The paper's multi-scale + flip evaluation for ``dataset`` (its scales, its base and crop size)."""
+    return InferenceConfig(mode=mode, crop_size=crop_size, scales=tuple(scales or MS_SCALES.get(dataset,
+                           DEFAULT_MS_SCALES)), flip=True, base_size=base_size, amp_dtype=amp_dtype)
