@@ -110,3 +110,18 @@ def test_cityscapes_class_iou_agrees_with_the_official_evaluator(shared, tmp_pat
 def test_user_mistakes_are_one_line_and_exit_2(args, message):
     result = run_eval(*args, timeout=120)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_pytorch_encoding_checkpoint_is_evaluated_with_backbone_and_dataset(tmp_path):
+    torch.manual_seed(0)
+    model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=4).eval()
+    renames = {"backbone.": "pretrained.", "aux_head.": "auxlayer.", "head.": "head."}
+    encoding = {next(theirs + key[len(ours):] for ours, theirs in renames.items() if key.startswith(ours)): value
+                for key, value in model.state_dict().items()}
+    path = tmp_path / "deeplab_resnest14_toy-00000000.pth"
+    torch.save(encoding, path)
+    result = run_eval("--checkpoint", str(path), "--backbone", "resnest14", "--dataset", "toy", "--limit", "2",
+                      "--json", str(tmp_path / "m.json"), "--workers", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"evaluating {path} on toy val (2 images)")
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["pixAcc"] <= 1
