@@ -1,0 +1,346 @@
+"""``python -m seg.bench``: seg's models side by side with the reference implementations, in one run.
+
+For each case it times seg and every installed reference on the same input, dtype and thread count, and prints
+params, GMACs, images/s, median latency, peak memory and the ratio of seg's speed to each reference's (above 1:
+seg is faster). References run in whichever memory format is faster for them. ``--quick`` shrinks every size
+for a smoke test of the tool (not of the speed); ``--json`` writes the rows.
+
+Peak memory is the growth of the process's resident set (CPU; approximate, as the allocator keeps some freed
+memory) or the peak of allocated memory (CUDA) while the contender is built and run: weights plus activations.
+
+Cases: ResNeSt-50/101 classification (224, batch 8); dilated output-stride-8 backbones (512x512); DeepLabV3
+inference (512x512, and a 1024x2048 frame in slide mode); one DeepLabV3 training step (crop 512, batch 2:
+forward, loss with aux, backward, SGD); multi-scale + flip of a 512x683 image against its 12 passes alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seg.engine.inference import MS_SCALES, InferenceConfig, predict_probabilities, single_scale_probabilities
+from seg.engine.trainer import segmentation_loss
+from seg.models import build_backbone, build_segmentor
+from seg.models.complexity import count_parameters
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Contender:
+    """One implementation of a case: a module and how to run it once on an input."""
+
+    name: str
+    build: Callable[[], nn.Module]  # built when its case runs, so idle models do not sit in memory
+    run: Callable[[nn.Module, torch.Tensor], object]
+    formats: Tuple[bool, ...] = (False, True)  # channels_last off/on: a reference gets its faster one
+
+
+@dataclass
+class Case:
+    title: str
+    input_shape: Tuple[int, int, int, int]
+    images: int
+    contenders: List[Contender] = field(default_factory=list)
+
+
+# --- what a run is --------------------------------------------------------------------------------------------
+
+
+def infer(module: nn.Module, x: torch.Tensor):
+    with torch.no_grad():
+        return module(x)
+
+
+def features(module: nn.Module, x: torch.Tensor):
+    with torch.no_grad():
+        return module.forward_features(x)
+
+
+def official_features(module: nn.Module, x: torch.Tensor):
+    """The official ResNet's stage outputs (its forward() pools and classifies)."""
+    with torch.no_grad():
+        x = module.maxpool(module.relu(module.bn1(module.conv1(x))))
+        c1 = module.layer1(x)
+        c2 = module.layer2(c1)
+        c3 = module.layer3(c2)
+        return [c1, c2, c3, module.layer4(c3)]
+
+
+def torchvision_logits(module: nn.Module, x: torch.Tensor):
+    with torch.no_grad():
+        return module(x)["out"]
+
+
+def train_step_of(optimizer_for: Dict[int, torch.optim.Optimizer], torchvision_style: bool):
+    """One SGD step (forward, CE loss + 0.4 x aux, backward, step) on a fixed random target."""
+
+    def step(module: nn.Module, x: torch.Tensor):
+        key = id(module)
+        if key not in optimizer_for:
+            optimizer_for.clear()  # one model at a time: a finished contender's optimizer must not pin its weights
+            optimizer_for[key] = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+        optimizer = optimizer_for[key]
+        target = torch.randint(0, 150, (x.shape[0], x.shape[2], x.shape[3]), device=x.device,
+                               generator=torch.Generator(device=x.device).manual_seed(0))
+        outputs = module(x)
+        if torchvision_style:
+            outputs = (outputs["out"], outputs["aux"])
+        loss = segmentation_loss(outputs, target, 0.4)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+# --- the cases -----------------------------------------------------------------------------------------------
+
+
+def build_cases(quick: bool) -> List[Case]:
+    size = (lambda n: max(32, n // 8)) if quick else (lambda n: n)
+    batch = (lambda n: 1) if quick else (lambda n: n)
+    cases: List[Case] = []
+    try:
+        import resnest.torch as official
+    except ImportError:
+        official = None
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    import torchvision
+
+    for depth, timm_name in ((50, "resnest50d"), (101, "resnest101e")):
+        name = f"resnest{depth}"
+        case = Case(f"ResNeSt-{depth} classification {size(224)}, batch {batch(8)}", (batch(8), 3, size(224),
+                    size(224)), batch(8))
+        case.contenders.append(Contender("seg", lambda name=name: build_backbone(name), infer))
+        if official is not None:
+            case.contenders.append(Contender("official resnest", lambda name=name: getattr(official, name)(), infer))
+        if timm is not None:
+            case.contenders.append(Contender("timm " + timm_name, lambda t=timm_name: timm.create_model(t), infer))
+        cases.append(case)
+
+        case = Case(f"ResNeSt-{depth} dilated OS8 features {size(512)}", (1, 3, size(512), size(512)), 1)
+        case.contenders.append(Contender("seg", lambda name=name: build_backbone(name, output_stride=8, num_classes=0),
+                                         features))
+        if official is not None:
+            case.contenders.append(Contender("official dilated=True",
+                                             lambda name=name: getattr(official, name)(dilated=True),
+                                             official_features))
+        if timm is not None:
+            case.contenders.append(Contender(f"timm {timm_name} OS8", lambda t=timm_name: timm.create_model(
+                t, output_stride=8, features_only=True), infer))
+        cases.append(case)
+
+    for depth in (50, 101):
+        case = Case(f"DeepLabV3-ResNeSt-{depth} inference {size(512)}", (1, 3, size(512), size(512)), 1)
+        case.contenders.append(Contender(
+            "seg", lambda d=depth: build_segmentor("deeplabv3", backbone=f"resnest{d}", num_classes=150), infer))
+        case.contenders.append(Contender(f"torchvision deeplabv3_resnet{depth}", lambda d=depth: getattr(
+            torchvision.models.segmentation, f"deeplabv3_resnet{d}")(weights=None, weights_backbone=None,
+                                                                    num_classes=150), torchvision_logits))
+        cases.append(case)
+
+    slide = InferenceConfig(mode="slide", crop_size=size(512))
+    case = Case(f"DeepLabV3-ResNeSt-50 slide {size(1024)}x{size(2048)} (Cityscapes frame)",
+                (1, 3, size(1024), size(2048)), 1)
+    case.contenders.append(Contender(
+        "seg", lambda: build_segmentor("deeplabv3", backbone="resnest50", num_classes=19),
+        lambda m, x: predict_probabilities(m, x, slide), formats=(False,)))
+    cases.append(case)
+
+    optimizers: Dict[int, torch.optim.Optimizer] = {}
+    case = Case(f"DeepLabV3-ResNeSt-50 train step crop {size(512)}, batch 2", (2, 3, size(512), size(512)), 2)
+    case.contenders.append(Contender(
+        "seg", lambda: build_segmentor("deeplabv3", backbone="resnest50", num_classes=150),
+        train_step_of(optimizers, False)))
+    case.contenders.append(Contender("torchvision deeplabv3_resnet50", lambda: torchvision.models.segmentation.
+                                     deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=150,
+                                                        aux_loss=True), train_step_of(optimizers, True)))
+    cases.append(case)
+    return cases
+
+
+def ms_flip_case(quick: bool, device: torch.device, amp: Optional[torch.dtype], repeats: int) -> Dict[str, object]:
+    """Multi-scale + flip of one 512x683 image against the sum of its 12 forward passes run alone."""
+    height, width = (64, 85) if quick else (512, 683)
+    crop = 64 if quick else 512
+    model = build_segmentor("deeplabv3", backbone="resnest50", num_classes=150).eval().to(device)
+    image = torch.randn(1, 3, height, width, device=device)
+    config = InferenceConfig(mode="slide", crop_size=crop, scales=MS_SCALES["ade20k"], flip=True,
+                             base_size=width, amp_dtype=amp)
+    full = median_seconds(lambda: predict_probabilities(model, image, config), repeats)
+    alone = 0.0
+    for scale in config.scales:
+        side = int(width * scale + 0.5)
+        size = (max(1, int(height * side / width + 0.5)), side)
+        view = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+        for flip in (False, True):
+            one = InferenceConfig(mode="slide", crop_size=crop, amp_dtype=amp)
+            viewed = view.flip(-1) if flip else view
+            with torch.no_grad():
+                alone += median_seconds(lambda v=viewed, c=one: single_scale_probabilities(model, v, c), repeats)
+    return {"case": f"multi-scale + flip {height}x{width} (12 passes)", "seconds": full,
+            "passes_alone_seconds": alone, "overhead": full / alone}
+
+
+# --- measuring -----------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], object], repeats: int, device: Optional[torch.device] = None) -> float:
+    device = device or torch.device("cpu")
+    run()  # warm-up
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set size
+        except OSError:
+            pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def resident_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run_case(case: Case, device: torch.device, amp: Optional[torch.dtype], channels_last: bool, compile_: bool,
+             repeats: int) -> List[Dict[str, object]]:
+    """Every contender of ``case``, each in its faster memory format (seg in the requested one)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = []
+    training = "train step" in case.title
+    for contender in case.contenders:
+        best = None
+        formats = (channels_last,) if contender.name == "seg" else contender.formats
+        for use_channels_last in formats:
+            torch.manual_seed(0)
+            gc.collect()  # the previous contender's weights and activations go back first
+            baseline = resident_mb() if device.type == "cpu" else 0.0
+            reset_peak_memory(device)
+            memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+            module = contender.build().to(device).train(training).to(memory_format=memory_format)
+            params = count_parameters(module)
+            x = torch.randn(*case.input_shape, device=device).contiguous(memory_format=memory_format)
+            runnable = torch.compile(module) if compile_ and contender.name == "seg" else module
+
+            def once(run=contender.run, module=runnable, x=x):
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    run(module, x)
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                once()  # counted, and a warm-up
+            seconds = median_seconds(once, repeats, device)
+            row = {"case": case.title, "implementation": contender.name, "channels_last": use_channels_last,
+                   "params": params, "gmacs_per_image": counter.get_total_flops() / 2 / case.images / 1e9,
+                   "latency_s": seconds, "images_per_s": case.images / seconds,
+                   "peak_memory_mb": peak_memory_mb(device) - baseline}
+            del module, runnable, once, counter
+            if best is None or seconds < best["latency_s"]:
+                best = row
+        rows.append(best)
+    for row in rows:
+        row["seg_speedup"] = rows[0]["images_per_s"] / row["images_per_s"] if row is not rows[0] else 1.0
+    return rows
+
+
+def print_table(rows: List[Dict[str, object]], ms_flip: Dict[str, object], header: str) -> None:
+    print(header)
+    print(f"| {'case':<52} | {'implementation':<34} | {'params':>8} | {'GMACs':>7} | {'img/s':>8} | "
+          f"{'latency':>9} | {'peak MB':>8} | {'seg is':>7} |")
+    print("|" + "|".join("-" * w for w in (54, 36, 10, 9, 10, 11, 10, 9)) + "|")
+    for row in rows:
+        speed = "" if row["implementation"] == "seg" else f"{row['seg_speedup']:.2f}x"
+        layout = " (NHWC)" if row["channels_last"] and row["implementation"] != "seg" else ""
+        print(f"| {row['case']:<52} | {row['implementation'] + layout:<34} | {row['params'] / 1e6:>7.2f}M | "
+              f"{row['gmacs_per_image']:>7.2f} | {row['images_per_s']:>8.2f} | {row['latency_s'] * 1000:>7.1f}ms | "
+              f"{row['peak_memory_mb']:>8.0f} | {speed:>7} |")
+    print(f"{ms_flip['case']}: {ms_flip['seconds']:.3f} s, its 12 passes alone {ms_flip['passes_alone_seconds']:.3f}"
+          f" s: overhead {ms_flip['overhead']:.3f}x")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m seg.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype for every contender")
+    p.add_argument("--channels-last", action="store_true", help="run seg in channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile seg's model")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every contender")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median reported)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the tool runs, not the speed")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 3)
+    device, amp = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+
+    rows = []
+    for case in build_cases(args.quick):
+        rows += run_case(case, device, amp, args.channels_last, args.compile, repeats)
+        print(f"measured: {case.title}", file=sys.stderr, flush=True)
+    ms_flip = ms_flip_case(args.quick, device, amp, repeats)
+    header = (f"seg.bench on {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, channels_last "
+              f"{args.channels_last}, compile {args.compile}, torch {torch.__version__}"
+              + (", QUICK sizes (not a speed measurement)" if args.quick else ""))
+    print_table(rows, ms_flip, header)
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": rows, "ms_flip": ms_flip}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

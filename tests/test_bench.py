@@ -1,0 +1,23 @@
+"""``python -m seg.bench --quick`` runs end to end (a smoke test of the tool; speed is measured in bench/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_quick_bench_prints_every_case_with_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "seg.bench", "--quick", "--threads", "2", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    cases = {row["case"] for row in report["rows"]}
+    assert len(cases) == 8 and any("train step" in case for case in cases)
+    implementations = {row["implementation"] for row in report["rows"]}
+    assert {"seg", "official resnest", "timm resnest50d", "torchvision deeplabv3_resnet50"} <= implementations
+    for row in report["rows"]:
+        assert row["images_per_s"] > 0 and row["gmacs_per_image"] > 0 and row["seg_speedup"] > 0
+    assert report["ms_flip"]["overhead"] > 0
+    assert "QUICK sizes" in result.stdout and "| seg " in result.stdout
