@@ -125,3 +125,23 @@ def test_a_pytorch_encoding_checkpoint_is_evaluated_with_backbone_and_dataset(tm
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"evaluating {path} on toy val (2 images)")
     assert 0 <= json.loads((tmp_path / "m.json").read_text())["pixAcc"] <= 1
+
+
+def test_a_split_without_labels_is_predicted_and_saved(shared, tmp_path):
+    """Cityscapes test images have no public labels: masks are None, predictions are still written."""
+    source = shared("data", "cityscapes", "leftImg8bit", "val", "frankfurt")
+    root = tmp_path / "cityscapes"
+    (root / "leftImg8bit" / "test" / "berlin").mkdir(parents=True)
+    for image in source.glob("*_leftImg8bit.png"):
+        (root / "leftImg8bit" / "test" / "berlin" / image.name).write_bytes(image.read_bytes())
+    torch.manual_seed(0)
+    model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=19).eval()
+    checkpoint = tmp_path / "cityscapes.pth"
+    save_checkpoint({"model": model.state_dict(), "config": {"dataset": "cityscapes"},
+                     "model_config": {"segmentor": "deeplabv3", "backbone": "resnest14", "num_classes": 19,
+                                      "output_stride": 8, "aux": True}}, checkpoint)
+    result = run_eval("--checkpoint", str(checkpoint), "--data-root", str(root), "--split", "test",
+                      "--save-pred", str(tmp_path / "pred"), "--json", str(tmp_path / "m.json"), "--workers", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = list((tmp_path / "pred").glob("*.png"))
+    assert len(saved) == 1 and np.asarray(Image.open(saved[0])).shape == (128, 256)

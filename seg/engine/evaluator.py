@@ -59,17 +59,18 @@ def evaluate(
     was_training = model.training
     model.eval()
     sampler = ShardSampler(len(dataset))
-    loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers,
+    # One image at a time (sizes differ); unbatched, so splits without labels (mask None) pass through.
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda")
     confusion = ConfusionMatrix(dataset.num_classes, device=device)
     batches = tqdm(loader, desc="evaluate", unit="img", disable=not progress, leave=False)
-    for index, batch in zip(sampler, batches, strict=True):
-        image = batch["image"].to(device, non_blocking=True)
+    for index, sample in zip(sampler, batches, strict=True):
+        image = sample["image"][None].to(device, non_blocking=True)
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         prediction = predict_probabilities(model, image, inference).argmax(1)
-        if batch["mask"] is not None and not isinstance(batch["mask"], list):
-            confusion.update(prediction, batch["mask"].to(device, non_blocking=True))
+        if sample["mask"] is not None:
+            confusion.update(prediction[0], sample["mask"].to(device, non_blocking=True))
         if on_prediction is not None:
             on_prediction(index, prediction[0])
     confusion.all_reduce()
