@@ -30,6 +30,7 @@ from seg.engine.inference import MS_SCALES, InferenceConfig
 from seg.engine.metrics import format_metrics_table
 from seg.engine.plots import overlay, save_confusion_matrix
 from seg.models import PretrainedWeightsError, build_segmentor, list_backbones
+from seg.models.fusion import fuse_conv_bn
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,7 +136,9 @@ def run(args) -> int:
     if payload is not None and payload["model_config"]["num_classes"] != dataset.num_classes:
         raise ValueError(f"{args.checkpoint} predicts {payload['model_config']['num_classes']} classes but "
                          f"{dataset_name} has {dataset.num_classes}")
-    model.to(context.device)
+    # Batch norm folded into the convolutions and channels_last: the same outputs (tests/models/test_fusion.py),
+    # faster (bench/RESULTS.md).
+    model = fuse_conv_bn(model, inplace=True).to(context.device, memory_format=torch.channels_last)
 
     recipe = RECIPES.get(dataset_name, {})
     crop = args.crop_size or trained.get("crop_size") or recipe.get("crop_size", 512)

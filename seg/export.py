@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from seg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from seg.models.fusion import fuse_conv_bn
 
 TOLERANCE = 1e-3
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     try:
-        model = model_from_checkpoint(load_checkpoint(args.checkpoint))
+        model = fuse_conv_bn(model_from_checkpoint(load_checkpoint(args.checkpoint)), inplace=True)
     except CheckpointError as error:
         print(f"error: --checkpoint: {error}", file=sys.stderr)
         return 2

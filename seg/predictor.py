@@ -24,6 +24,7 @@ from seg.data.io import read_image
 from seg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from seg.engine.inference import MS_SCALES, InferenceConfig, predict_probabilities
 from seg.engine.plots import colorize, overlay
+from seg.models.fusion import fuse_conv_bn
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -61,7 +62,7 @@ class Segmenter:
     """A trained segmentor with its classes, palette and preprocessing.
 
     Args:
-        model: a segmentor (it is put in eval mode on ``device``).
+        model: a segmentor (it is put in eval mode; inference runs a copy with batch norm folded, on ``device``).
         classes: class names in train-id order.
         palette: (num_classes, 3) uint8 colours.
         mean, std: normalisation of 0..1 RGB inputs.
@@ -74,7 +75,8 @@ class Segmenter:
                  std: Sequence[float], device: Optional[Union[str, torch.device]] = None, dataset: str = "",
                  crop_size: int = 512, base_size: Optional[int] = None) -> None:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.eval().to(self.device)
+        # A copy with batch norm folded, in channels_last: the same outputs, faster; the caller's module is untouched.
+        self.model = fuse_conv_bn(model.eval()).to(self.device, memory_format=torch.channels_last)
         self.classes = tuple(classes)
         self.palette = np.asarray(palette, dtype=np.uint8)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)

@@ -88,7 +88,8 @@ def pooled_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """
     single_value = x.shape[0] * x.shape[2] * x.shape[3] == 1
     if (
-        bn.training
+        isinstance(bn, _BatchNorm)  # not an Identity left by folding (fusion.py)
+        and bn.training
         and single_value
         and bn.running_mean is not None
         and bn.running_var is not None

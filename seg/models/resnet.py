@@ -47,6 +47,7 @@ class Bottleneck(nn.Module):
     """
 
     expansion = 4
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # foldable for inference (fusion.py)
 
     def __init__(
         self,
@@ -174,6 +175,8 @@ class ResNet(nn.Module):
         last_gamma: zero-initialise the last BN of each block.
         norm_layer: normalisation constructor.
     """
+
+    conv_bn_pairs = (("conv1", "bn1"),)  # the stem (its last conv when deep) and bn1 (fusion.py)
 
     def __init__(
         self,

@@ -1,0 +1,78 @@
+"""Batch norm folded into convolutions: the same function (within 1e-4 in float32), no batch norm left."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from seg.models import build_backbone, build_segmentor
+from seg.models.fusion import fold_batch_norm, fuse_conv_bn
+
+
+class LastFeatures(nn.Module):
+    """A feature-extractor backbone whose forward() is its c4 map."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)[-1]
+
+
+def batch_norms(model: nn.Module) -> list:
+    return [name for name, module in model.named_modules() if isinstance(module, _BatchNorm)]
+
+
+@pytest.mark.parametrize("build", [
+    lambda: build_backbone("resnest14", num_classes=10),
+    lambda: LastFeatures(build_backbone("resnest14", num_classes=0, output_stride=8)),
+    lambda: build_backbone("resnet50", num_classes=10),
+    lambda: build_backbone("resnest50_fast_2s1x64d", num_classes=10),
+    lambda: build_segmentor("deeplabv3", backbone="resnest14", num_classes=7),
+    lambda: build_segmentor("fcn", backbone="resnest14", num_classes=7, output_stride=16),
+], ids=["resnest14", "resnest14-os8", "resnet50", "resnest50-fast", "deeplabv3", "fcn-os16"])
+def test_fused_network_matches_and_has_no_batch_norm(build, randomize_batchnorm):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build())
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        reference = model(x)
+        fused = fuse_conv_bn(model)
+        out = fused(x)
+        out_nhwc = fused.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert batch_norms(fused) == []
+    assert batch_norms(model), "the original network must be left untouched"
+    assert not fused.training
+    assert reference.abs().max() > 0.1  # a non-trivial output, so the 1e-4 tolerance means something
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out_nhwc, reference, rtol=0, atol=1e-4)
+
+
+def test_fold_batch_norm_is_the_affine_map_of_running_statistics():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=True)
+    bn = nn.BatchNorm2d(5, eps=1e-3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(fold_batch_norm(conv, bn)(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_fusing_a_training_network_is_refused():
+    model = build_backbone("resnest14", num_classes=10).train()
+    with pytest.raises(ValueError, match="eval"):
+        fuse_conv_bn(model)
+
+
+def test_fused_network_runs_in_train_mode_calls_without_batch_norm_state():
+    """eval() is what callers use; the Identity left behind must not break pooled_batch_norm either way."""
+    fused = fuse_conv_bn(build_segmentor("deeplabv3", backbone="resnest14", num_classes=3).eval())
+    with torch.no_grad():
+        assert fused(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
