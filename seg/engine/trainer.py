@@ -135,6 +135,8 @@ class Trainer:
         self.best_miou = -1.0
         self.history: Dict[str, List[Tuple[float, float]]] = {"loss": [], "lr": [], "val mIoU": []}
         self.stop_signal: Optional[int] = None
+        self._first_bad: Optional[torch.Tensor] = None  # first iteration with a non-finite loss (0: none yet)
+        self._bad_loss: Optional[torch.Tensor] = None
         self.tensorboard = None  # created on the first log line, on rank 0
         self.sampler = SeededSampler(len(self.train_set), shuffle=True, seed=cfg.seed, drop_last=True)
         self.loader = build_dataloader(self.train_set, cfg.batch_size, train=True, workers=cfg.workers,
@@ -260,6 +262,34 @@ class Trainer:
         finally:
             bar.close()
 
+    def _note_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Remember the first iteration whose loss is not finite, on the device: no host sync per iteration."""
+        if self._first_bad is None:
+            self._first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), device=loss.device)
+        first = (~torch.isfinite(loss)) & (self._first_bad == 0)
+        self._first_bad = torch.where(first, self.iteration + 1, self._first_bad)
+        self._bad_loss = torch.where(first, loss.detach().float(), self._bad_loss)
+
+    def _stop_if_loss_was_not_finite(self) -> None:
+        """Raise if any rank saw a non-finite loss since the start; runs before every log, validation and save,
+        so no checkpoint ever holds the weights that followed it."""
+        if self._first_bad is None:
+            return
+        first_bad = self._first_bad.clone()
+        if self.context.world_size > 1:
+            # The earliest bad iteration of any rank (0 means none): max over ranks of -iteration, 0 left as 0.
+            encoded = torch.where(first_bad > 0, -first_bad, torch.full_like(first_bad, -(2**62)))
+            dist.all_reduce(encoded, op=dist.ReduceOp.MAX)
+            first_bad = torch.where(encoded > -(2**62), -encoded, torch.zeros_like(encoded))
+        iteration = int(first_bad.item())
+        if iteration:
+            value = self._bad_loss.item() if self._first_bad.item() == iteration else float("nan")
+            raise TrainingError(
+                f"the loss became {value} at iteration {iteration}; stopped without saving "
+                f"(the last good checkpoint in {self.output_dir} is intact); try a lower --lr or --amp off"
+            )
+
     def _iterate(self, bar: tqdm) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.context
         images_per_step = cfg.total_batch
@@ -271,14 +301,7 @@ class Trainer:
             tick, steps_since_tick = time.perf_counter(), 0
             for _ in range(step, self.steps_per_epoch):
                 loss = self.train_step(batches)
-                finite = torch.isfinite(loss).float()
-                if ctx.world_size > 1:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() < 1:
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at iteration {self.iteration + 1}; stopped without saving "
-                        f"(the last good checkpoint in {self.output_dir} is intact); try a lower --lr or --amp off"
-                    )
+                self._note_if_not_finite(loss)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
@@ -286,7 +309,14 @@ class Trainer:
                 steps_since_tick += 1
                 set_dropblock_progress(self.model, self.iteration / cfg.iters)
 
-                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iters:
+                done = self.iteration == cfg.iters
+                evaluate_now = self.iteration % cfg.eval_every == 0 or done
+                save_now = self.iteration % cfg.checkpoint_every == 0 or done or self.stop_signal is not None
+                log_now = self.iteration % cfg.log_every == 0 or done
+                if log_now or evaluate_now or save_now:
+                    self._stop_if_loss_was_not_finite()
+
+                if log_now:
                     now = time.perf_counter()
                     speed = images_per_step * steps_since_tick / max(now - tick, 1e-9)
                     tick, steps_since_tick = now, 0
@@ -299,12 +329,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
                 bar.update(1)
 
-                done = self.iteration == cfg.iters
                 paused = False
-                if self.iteration % cfg.eval_every == 0 or done:
+                if evaluate_now:
                     metrics = self.validate()
                     paused = True
-                if self.iteration % cfg.checkpoint_every == 0 or done or self.stop_signal is not None:
+                if save_now:
                     self.save("last.pth")
                     paused = True
                 if paused:  # throughput counts training steps only
