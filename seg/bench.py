@@ -33,6 +33,7 @@ from seg.engine.inference import MS_SCALES, InferenceConfig, predict_probabiliti
 from seg.engine.trainer import segmentation_loss
 from seg.models import build_backbone, build_segmentor
 from seg.models.complexity import count_parameters
+from seg.models.fusion import fuse_conv_bn
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +46,7 @@ class Contender:
     build: Callable[[], nn.Module]  # built when its case runs, so idle models do not sit in memory
     run: Callable[[nn.Module, torch.Tensor], object]
     formats: Tuple[bool, ...] = (False, True)  # channels_last off/on: a reference gets its faster one
+    versus: str = "seg"  # the seg row its "seg is" ratio is taken against (the one doing the same work)
 
 
 @dataclass
@@ -83,8 +85,12 @@ def torchvision_logits(module: nn.Module, x: torch.Tensor):
         return module(x)["out"]
 
 
-def train_step_of(optimizer_for: Dict[int, torch.optim.Optimizer], torchvision_style: bool):
-    """One SGD step (forward, CE loss + 0.4 x aux, backward, step) on a fixed random target."""
+def train_step_of(optimizer_for: Dict[int, torch.optim.Optimizer], outputs_style: str):
+    """One SGD step (forward, CE loss + 0.4 x aux, backward, step) on a fixed random target.
+
+    ``outputs_style``: "seg" (a (main, aux) tuple), "torchvision" (a dict with "out" and "aux") or "plain" (one
+    tensor, no auxiliary loss).
+    """
 
     def step(module: nn.Module, x: torch.Tensor):
         key = id(module)
@@ -95,9 +101,9 @@ def train_step_of(optimizer_for: Dict[int, torch.optim.Optimizer], torchvision_s
         target = torch.randint(0, 150, (x.shape[0], x.shape[2], x.shape[3]), device=x.device,
                                generator=torch.Generator(device=x.device).manual_seed(0))
         outputs = module(x)
-        if torchvision_style:
+        if outputs_style == "torchvision":
             outputs = (outputs["out"], outputs["aux"])
-        loss = segmentation_loss(outputs, target, 0.4)
+        loss = segmentation_loss(outputs, target, 0.4 if outputs_style != "plain" else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -105,10 +111,44 @@ def train_step_of(optimizer_for: Dict[int, torch.optim.Optimizer], torchvision_s
     return step
 
 
+def official_deeplabv3(depth: int, num_classes: int = 150) -> nn.Module:
+    """PyTorch-Encoding's DeepLabV3 from public parts: the official dilated ResNeSt under torchvision's heads.
+
+    torchvision's ``DeepLabHead`` (ASPP 12/24/36, 3x3 conv, 1x1 classifier) and ``FCNHead`` on layer3 are the
+    same layers as Encoding's DeepLabV3 head and auxiliary head.
+    """
+    import resnest.torch as official
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+    from torchvision.models.segmentation.fcn import FCNHead
+
+    body = IntermediateLayerGetter(getattr(official, f"resnest{depth}")(dilated=True),
+                                   return_layers={"layer3": "aux", "layer4": "out"})
+    return DeepLabV3(body, DeepLabHead(2048, num_classes), FCNHead(1024, num_classes))
+
+
+def smp_deeplabv3(timm_name: str, num_classes: int = 150) -> nn.Module:
+    """segmentation_models_pytorch's DeepLabV3 (output stride 8) on a timm ResNeSt encoder; it has no aux head."""
+    import segmentation_models_pytorch as smp
+
+    return smp.DeepLabV3(encoder_name=f"tu-{timm_name}", encoder_weights=None, classes=num_classes)
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def seg_inference(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """seg as its inference entry points run it: eval mode with batch norm folded into the convolutions."""
+    return lambda: fuse_conv_bn(build().eval(), inplace=True)
+
+
 # --- the cases -----------------------------------------------------------------------------------------------
 
 
-def build_cases(quick: bool) -> List[Case]:
+def build_cases(quick: bool, train_batch: int = 2) -> List[Case]:
     size = (lambda n: max(32, n // 8)) if quick else (lambda n: n)
     batch = (lambda n: 1) if quick else (lambda n: n)
     cases: List[Case] = []
@@ -126,7 +166,7 @@ def build_cases(quick: bool) -> List[Case]:
         name = f"resnest{depth}"
         case = Case(f"ResNeSt-{depth} classification {size(224)}, batch {batch(8)}", (batch(8), 3, size(224),
                     size(224)), batch(8))
-        case.contenders.append(Contender("seg", lambda name=name: build_backbone(name), infer))
+        case.contenders.append(Contender("seg", seg_inference(lambda name=name: build_backbone(name)), infer))
         if official is not None:
             case.contenders.append(Contender("official resnest", lambda name=name: getattr(official, name)(), infer))
         if timm is not None:
@@ -134,8 +174,8 @@ def build_cases(quick: bool) -> List[Case]:
         cases.append(case)
 
         case = Case(f"ResNeSt-{depth} dilated OS8 features {size(512)}", (1, 3, size(512), size(512)), 1)
-        case.contenders.append(Contender("seg", lambda name=name: build_backbone(name, output_stride=8, num_classes=0),
-                                         features))
+        case.contenders.append(Contender("seg", seg_inference(
+            lambda name=name: build_backbone(name, output_stride=8, num_classes=0)), features))
         if official is not None:
             case.contenders.append(Contender("official dilated=True",
                                              lambda name=name: getattr(official, name)(dilated=True),
@@ -145,10 +185,17 @@ def build_cases(quick: bool) -> List[Case]:
                 t, output_stride=8, features_only=True), infer))
         cases.append(case)
 
-    for depth in (50, 101):
+    smp = installed("segmentation_models_pytorch") and timm is not None
+    for depth, timm_name in ((50, "resnest50d"), (101, "resnest101e")):
         case = Case(f"DeepLabV3-ResNeSt-{depth} inference {size(512)}", (1, 3, size(512), size(512)), 1)
-        case.contenders.append(Contender(
-            "seg", lambda d=depth: build_segmentor("deeplabv3", backbone=f"resnest{d}", num_classes=150), infer))
+        case.contenders.append(Contender("seg", seg_inference(
+            lambda d=depth: build_segmentor("deeplabv3", backbone=f"resnest{d}", num_classes=150)), infer))
+        if official is not None:
+            case.contenders.append(Contender(f"official resnest{depth} + torchvision heads",
+                                             lambda d=depth: official_deeplabv3(d), torchvision_logits))
+        if smp:
+            case.contenders.append(Contender(f"smp DeepLabV3 {timm_name}", lambda t=timm_name: smp_deeplabv3(t),
+                                             infer))
         case.contenders.append(Contender(f"torchvision deeplabv3_resnet{depth}", lambda d=depth: getattr(
             torchvision.models.segmentation, f"deeplabv3_resnet{d}")(weights=None, weights_backbone=None,
                                                                     num_classes=150), torchvision_logits))
@@ -158,28 +205,47 @@ def build_cases(quick: bool) -> List[Case]:
     case = Case(f"DeepLabV3-ResNeSt-50 slide {size(1024)}x{size(2048)} (Cityscapes frame)",
                 (1, 3, size(1024), size(2048)), 1)
     case.contenders.append(Contender(
-        "seg", lambda: build_segmentor("deeplabv3", backbone="resnest50", num_classes=19),
-        lambda m, x: predict_probabilities(m, x, slide), formats=(False,)))
+        "seg", seg_inference(lambda: build_segmentor("deeplabv3", backbone="resnest50", num_classes=19)),
+        lambda m, x: predict_probabilities(m, x, slide)))
     cases.append(case)
 
     optimizers: Dict[int, torch.optim.Optimizer] = {}
-    case = Case(f"DeepLabV3-ResNeSt-50 train step crop {size(512)}, batch 2", (2, 3, size(512), size(512)), 2)
-    case.contenders.append(Contender(
-        "seg", lambda: build_segmentor("deeplabv3", backbone="resnest50", num_classes=150),
-        train_step_of(optimizers, False)))
-    case.contenders.append(Contender("torchvision deeplabv3_resnet50", lambda: torchvision.models.segmentation.
-                                     deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=150,
-                                                        aux_loss=True), train_step_of(optimizers, True)))
-    cases.append(case)
+    tb = train_batch  # two at least: the references cannot train batch norm on one image
+    for depth, timm_name in ((50, "resnest50d"), (101, "resnest101e")):
+        case = Case(f"DeepLabV3-ResNeSt-{depth} train step crop {size(512)}, batch {tb}",
+                    (tb, 3, size(512), size(512)), tb)
+        case.contenders.append(Contender(
+            "seg", lambda d=depth: build_segmentor("deeplabv3", backbone=f"resnest{d}", num_classes=150),
+            train_step_of(optimizers, "seg")))
+        if official is not None:
+            case.contenders.append(Contender(f"official resnest{depth} + torchvision heads",
+                                             lambda d=depth: official_deeplabv3(d),
+                                             train_step_of(optimizers, "torchvision")))
+        if smp:
+            case.contenders.append(Contender("seg, no aux head", lambda d=depth: build_segmentor(
+                "deeplabv3", backbone=f"resnest{d}", num_classes=150, aux=False), train_step_of(optimizers, "plain")))
+            case.contenders.append(Contender(f"smp DeepLabV3 {timm_name} (no aux head)",
+                                             lambda t=timm_name: smp_deeplabv3(t), train_step_of(optimizers, "plain"),
+                                             versus="seg, no aux head"))
+        case.contenders.append(Contender(f"torchvision deeplabv3_resnet{depth}", lambda d=depth: getattr(
+            torchvision.models.segmentation, f"deeplabv3_resnet{d}")(weights=None, weights_backbone=None,
+                                                                    num_classes=150, aux_loss=True),
+            train_step_of(optimizers, "torchvision")))
+        cases.append(case)
     return cases
 
 
-def ms_flip_case(quick: bool, device: torch.device, amp: Optional[torch.dtype], repeats: int) -> Dict[str, object]:
+def ms_flip_case(quick: bool, device: torch.device, amp: Optional[torch.dtype], channels_last: bool,
+                 repeats: int) -> Dict[str, object]:
     """Multi-scale + flip of one 512x683 image against the sum of its 12 forward passes run alone."""
     height, width = (64, 85) if quick else (512, 683)
     crop = 64 if quick else 512
-    model = build_segmentor("deeplabv3", backbone="resnest50", num_classes=150).eval().to(device)
+    model = fuse_conv_bn(build_segmentor("deeplabv3", backbone="resnest50", num_classes=150).eval()).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     image = torch.randn(1, 3, height, width, device=device)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
     config = InferenceConfig(mode="slide", crop_size=crop, scales=MS_SCALES["ade20k"], flip=True,
                              base_size=width, amp_dtype=amp)
     full = median_seconds(lambda: predict_probabilities(model, image, config), repeats)
@@ -216,6 +282,26 @@ def median_seconds(run: Callable[[], object], repeats: int, device: Optional[tor
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The device's own bf16 matrix-multiply rate (FLOP/s): the best of timed 8192^3 products, measured here."""
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    seconds = min(median_seconds(lambda: a @ b, 10, device) for _ in range(3))
+    return 2 * 8192**3 / seconds
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by earlier contenders back to the OS (glibc keeps it otherwise), so each contender's
+    resident-set growth is measured from the same floor, whichever runs first."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -259,17 +345,18 @@ def run_case(case: Case, device: torch.device, amp: Optional[torch.dtype], chann
     training = "train step" in case.title
     for contender in case.contenders:
         best = None
-        formats = (channels_last,) if contender.name == "seg" else contender.formats
+        is_seg = contender.name.startswith("seg")
+        formats = (channels_last,) if is_seg else contender.formats
         for use_channels_last in formats:
             torch.manual_seed(0)
-            gc.collect()  # the previous contender's weights and activations go back first
+            release_freed_memory()  # the previous contender's weights and activations go back first
             baseline = resident_mb() if device.type == "cpu" else 0.0
             reset_peak_memory(device)
             memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
             module = contender.build().to(device).train(training).to(memory_format=memory_format)
             params = count_parameters(module)
             x = torch.randn(*case.input_shape, device=device).contiguous(memory_format=memory_format)
-            runnable = torch.compile(module) if compile_ and contender.name == "seg" else module
+            runnable = torch.compile(module) if compile_ and is_seg else module
 
             def once(run=contender.run, module=runnable, x=x):
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -282,27 +369,35 @@ def run_case(case: Case, device: torch.device, amp: Optional[torch.dtype], chann
             row = {"case": case.title, "implementation": contender.name, "channels_last": use_channels_last,
                    "params": params, "gmacs_per_image": counter.get_total_flops() / 2 / case.images / 1e9,
                    "latency_s": seconds, "images_per_s": case.images / seconds,
-                   "peak_memory_mb": peak_memory_mb(device) - baseline}
+                   "peak_memory_mb": peak_memory_mb(device) - baseline,
+                   "flops_per_s": counter.get_total_flops() / seconds, "versus": contender.versus}
             del module, runnable, once, counter
             if best is None or seconds < best["latency_s"]:
                 best = row
         rows.append(best)
+    by_name = {row["implementation"]: row for row in rows}
     for row in rows:
-        row["seg_speedup"] = rows[0]["images_per_s"] / row["images_per_s"] if row is not rows[0] else 1.0
+        own = row["implementation"].startswith("seg")
+        row["seg_speedup"] = 1.0 if own else by_name[row["versus"]]["images_per_s"] / row["images_per_s"]
     return rows
 
 
-def print_table(rows: List[Dict[str, object]], ms_flip: Dict[str, object], header: str) -> None:
+def print_table(rows: List[Dict[str, object]], ms_flip: Optional[Dict[str, object]], header: str) -> None:
     print(header)
-    print(f"| {'case':<52} | {'implementation':<34} | {'params':>8} | {'GMACs':>7} | {'img/s':>8} | "
-          f"{'latency':>9} | {'peak MB':>8} | {'seg is':>7} |")
-    print("|" + "|".join("-" * w for w in (54, 36, 10, 9, 10, 11, 10, 9)) + "|")
+    mfu = any("mfu" in row for row in rows)
+    print(f"| {'case':<56} | {'implementation':<44} | {'params':>8} | {'GMACs':>7} | {'img/s':>8} | "
+          f"{'latency':>9} | {'peak MB':>8} |" + (f" {'MFU':>6} |" if mfu else "") + f" {'seg is':>7} |")
+    print("|" + "|".join("-" * w for w in (58, 46, 10, 9, 10, 11, 10) + ((8,) if mfu else ()) + (9,)) + "|")
     for row in rows:
-        speed = "" if row["implementation"] == "seg" else f"{row['seg_speedup']:.2f}x"
-        layout = " (NHWC)" if row["channels_last"] and row["implementation"] != "seg" else ""
-        print(f"| {row['case']:<52} | {row['implementation'] + layout:<34} | {row['params'] / 1e6:>7.2f}M | "
+        own = row["implementation"].startswith("seg")
+        speed = "" if own else f"{row['seg_speedup']:.2f}x"
+        layout = " (NHWC)" if row["channels_last"] and not own else ""
+        print(f"| {row['case']:<56} | {row['implementation'] + layout:<44} | {row['params'] / 1e6:>7.2f}M | "
               f"{row['gmacs_per_image']:>7.2f} | {row['images_per_s']:>8.2f} | {row['latency_s'] * 1000:>7.1f}ms | "
-              f"{row['peak_memory_mb']:>8.0f} | {speed:>7} |")
+              f"{row['peak_memory_mb']:>8.0f} |" + (f" {row['mfu'] * 100:>5.1f}% |" if mfu else "")
+              + f" {speed:>7} |")
+    if ms_flip is None:
+        return
     print(f"{ms_flip['case']}: {ms_flip['seconds']:.3f} s, its 12 passes alone {ms_flip['passes_alone_seconds']:.3f}"
           f" s: overhead {ms_flip['overhead']:.3f}x")
 
@@ -317,9 +412,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the tool runs, not the speed")
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--train-batch", type=int, default=2, help="images per training step (default 2, the issue's "
+                   "per-device batch; larger batches show a GPU's throughput)")
+    p.add_argument("--only", metavar="TEXT", help="run only the cases whose title contains TEXT (e.g. 'train step',"
+                   " 'multi-scale')")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.train_batch < 1:
+        p.error(f"--train-batch must be positive, got {args.train_batch}")
     if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be positive, got {args.threads}")
@@ -328,13 +429,26 @@ def main(argv=None) -> int:
     device, amp = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cases = [case for case in build_cases(args.quick, args.train_batch) if not args.only or args.only in case.title]
+    run_ms_flip = not args.only or args.only in "multi-scale + flip"
+    if not cases and not run_ms_flip:
+        p.error(f"--only {args.only!r} matches no case")
+
     rows = []
-    for case in build_cases(args.quick):
+    for case in cases:
         rows += run_case(case, device, amp, args.channels_last, args.compile, repeats)
         print(f"measured: {case.title}", file=sys.stderr, flush=True)
-    ms_flip = ms_flip_case(args.quick, device, amp, repeats)
+    ms_flip = ms_flip_case(args.quick, device, amp, args.channels_last, repeats) if run_ms_flip else None
+    peak = ""
+    if device.type == "cuda":
+        peak_flops = matmul_peak_flops(device)
+        for row in rows:
+            row["mfu"] = row["flops_per_s"] / peak_flops
+        peak = f", {torch.cuda.get_device_name(device)}: bf16 matmul {peak_flops / 1e12:.0f} TFLOP/s measured"
     header = (f"seg.bench on {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, channels_last "
-              f"{args.channels_last}, compile {args.compile}, torch {torch.__version__}"
+              f"{args.channels_last}, compile {args.compile}, torch {torch.__version__}{peak}"
               + (", QUICK sizes (not a speed measurement)" if args.quick else ""))
     print_table(rows, ms_flip, header)
     if args.json:

@@ -14,9 +14,10 @@ def test_quick_bench_prints_every_case_with_ratios(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     cases = {row["case"] for row in report["rows"]}
-    assert len(cases) == 8 and any("train step" in case for case in cases)
+    assert len(cases) == 9 and sum("train step" in case for case in cases) == 2
     implementations = {row["implementation"] for row in report["rows"]}
-    assert {"seg", "official resnest", "timm resnest50d", "torchvision deeplabv3_resnet50"} <= implementations
+    assert {"seg", "official resnest", "timm resnest50d", "torchvision deeplabv3_resnet50",
+            "official resnest50 + torchvision heads"} <= implementations
     for row in report["rows"]:
         assert row["images_per_s"] > 0 and row["gmacs_per_image"] > 0 and row["seg_speedup"] > 0
     assert report["ms_flip"]["overhead"] > 0

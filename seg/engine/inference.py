@@ -95,11 +95,18 @@ def slide_probabilities(model: nn.Module, image: torch.Tensor, config: Inference
         windows = torch.cat([padded[:, :, y : y + crop, x : x + crop] for y, x in chunk])
         probabilities = _forward(model, windows, config.amp_dtype)
         if total is None:
-            total = torch.zeros((n, probabilities.shape[1], full_h, full_w), device=image.device)
+            # In the model's output memory format, so the window additions below are not strided copies.
+            total = probabilities.new_zeros((n, probabilities.shape[1], full_h, full_w)).contiguous(
+                memory_format=_memory_format(probabilities))
         for index, (y, x) in enumerate(chunk):
             total[:, :, y : y + crop, x : x + crop] += probabilities[index * n : (index + 1) * n]
             counts[:, :, y : y + crop, x : x + crop] += 1
-    return (total / counts)[:, :, :height, :width]
+    return total.div_(counts)[:, :, :height, :width]
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    channels_last = tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not tensor.is_contiguous() else torch.contiguous_format
 
 
 def single_scale_probabilities(model: nn.Module, image: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
@@ -111,7 +118,7 @@ def single_scale_probabilities(model: nn.Module, image: torch.Tensor, config: In
         probabilities = _forward(model, views, config.amp_dtype)
     if config.flip:
         n = image.shape[0]
-        probabilities = (probabilities[:n] + probabilities[n:].flip(-1)) / 2
+        probabilities = probabilities[:n].add_(probabilities[n:].flip(-1)).mul_(0.5)
     return probabilities
 
 
@@ -134,8 +141,8 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, config: Inferen
         probabilities = single_scale_probabilities(model, view, config)
         if size != (height, width):
             probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=True)
-        total = probabilities if total is None else total + probabilities
-    return total / len(config.scales)
+        total = probabilities if total is None else total.add_(probabilities)
+    return total.div_(len(config.scales)) if len(config.scales) > 1 else total
 
 
 def ms_flip_config(dataset: str, base_size: Optional[int], crop_size: int, mode: str = "slide",
