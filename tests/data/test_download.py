@@ -276,12 +276,18 @@ def test_zip_extracts_regular_files_and_folders(tmp_path):
         (zip_entry("/tmp/seg-test-absolute-evil.txt"), "absolute path"),
         (zip_entry("C:/evil.txt"), "absolute path"),
         (zip_entry("..\\evil.txt"), "backslash"),
+        (zip_entry("C:\\evil.txt"), "backslash"),
+        (zip_entry("c:evil.txt"), "absolute path"),
+        (zip_entry("//server/share/evil.txt"), "absolute path"),
+        (zip_entry("top\\..\\..\\evil.txt"), "backslash"),
+        (zip_entry("top/./../../evil.txt"), "contains '..'"),
         (zip_entry("top/link", stat.S_IFLNK), "symbolic link"),
         (zip_entry("top/tty", stat.S_IFCHR), "character device"),
         (zip_entry("top/disk", stat.S_IFBLK), "block device"),
         (zip_entry("top/pipe", stat.S_IFIFO), "FIFO"),
     ],
-    ids=["dotdot", "nested-dotdot", "absolute", "drive", "backslash", "symlink", "chardev", "blockdev", "fifo"],
+    ids=["dotdot", "nested-dotdot", "absolute", "drive", "backslash", "drive-backslash", "drive-relative", "unc",
+         "backslash-dotdot", "dot-dotdot", "symlink", "chardev", "blockdev", "fifo"],
 )
 def test_hostile_zip_members_are_refused_before_anything_is_written(tmp_path, entry, reason):
     archive = make_zip(tmp_path / "hostile.zip", entry, b"/etc/passwd")
@@ -345,8 +351,17 @@ def test_tar_gz_extracts_regular_files(tmp_path):
         (tar_entry("top/hard", tarfile.LNKTYPE, "/etc/passwd"), "hard link"),
         (tar_entry("top/tty", tarfile.CHRTYPE), "device file"),
         (tar_entry("top/pipe", tarfile.FIFOTYPE), "FIFO"),
+        (tar_entry("top/disk", tarfile.BLKTYPE), "device file"),
+        (tar_entry("top/./../../evil.txt"), "contains '..'"),
+        (tar_entry("top/relative-link", tarfile.SYMTYPE, "../../evil.txt"), "symbolic link"),
+        # A hard link to a member of the same archive is still refused: extraction would share its inode.
+        (tar_entry("top/hard-inside", tarfile.LNKTYPE, "top/a.txt"), "hard link"),
+        (tar_entry("C:/evil.txt"), "absolute path"),
+        # Longer than ustar's 100-character name field, so the name travels in an extended header.
+        (tar_entry("top/" + "d" * 120 + "/../../../evil.txt"), "contains '..'"),
     ],
-    ids=["dotdot", "absolute", "symlink", "hardlink", "chardev", "fifo"],
+    ids=["dotdot", "absolute", "symlink", "hardlink", "chardev", "fifo", "blockdev", "dot-dotdot", "relative-symlink",
+         "hardlink-inside", "drive", "long-name-dotdot"],
 )
 def test_hostile_tar_members_are_refused_before_anything_is_written(tmp_path, entry, reason):
     archive = make_tar(tmp_path / "hostile.tar.gz", entry)
@@ -377,3 +392,73 @@ def test_not_an_archive_and_corrupt_member(tmp_path):
         safe_extract(archive, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "top" / "data.bin").exists()  # the bad file never got its final name
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_tar_pax_header_renaming_a_member_outside_is_refused(tmp_path):
+    # The member's ustar name is harmless; its PAX "path" record, which readers honour, climbs out.
+    archive = tmp_path / "pax.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as bundle:
+        info = tarfile.TarInfo("top/innocent.txt")
+        info.size = 4
+        info.pax_headers = {"path": "../evil.txt"}
+        bundle.addfile(info, io.BytesIO(b"evil"))
+    destination = tmp_path / "work" / "out"
+    with pytest.raises(PreparationError, match=r"'\.\./evil\.txt'.*contains '\.\.'"):
+        safe_extract(archive, destination, progress=False)
+    assert not destination.exists()
+    assert not (tmp_path / "work" / "evil.txt").exists()
+
+
+def _tar_with(path: Path, entries) -> Path:
+    """A tar of (TarInfo, data or None) in order."""
+    with tarfile.open(path, "w") as bundle:
+        for info, data in entries:
+            bundle.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def test_a_symlink_then_a_file_written_through_it_is_refused(tmp_path):
+    # The classic two-step escape: "top/link" -> a folder outside, then "top/link/evil.txt" lands in that folder.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    payload = b"evil"
+    through = tarfile.TarInfo("top/link/evil.txt")
+    through.size = len(payload)
+    tar = _tar_with(tmp_path / "two-step.tar",
+                    [(tar_entry("top/link", tarfile.SYMTYPE, str(outside)), None), (through, payload)])
+
+    zipped = tmp_path / "two-step.zip"
+    with zipfile.ZipFile(zipped, "w") as bundle:
+        bundle.writestr(zip_entry("top/link", stat.S_IFLNK), str(outside))
+        bundle.writestr("top/link/evil.txt", payload)
+
+    for archive in (tar, zipped):
+        destination = tmp_path / f"out-{archive.suffix[1:]}"
+        with pytest.raises(PreparationError, match=r"'top/link'.*symbolic link.*nothing was extracted"):
+            safe_extract(archive, destination, progress=False)
+        assert not destination.exists()
+        assert list(outside.iterdir()) == []
+
+
+def test_an_existing_symlink_at_a_member_path_is_replaced_not_written_through(tmp_path):
+    # A link left in the destination (by an earlier hostile run, say) must not redirect the write elsewhere.
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"original")
+    destination = tmp_path / "out"
+    (destination / "top").mkdir(parents=True)
+    (destination / "top" / "a.txt").symlink_to(victim)
+    written = safe_extract(make_zip(tmp_path / "good.zip"), destination, progress=False)
+    assert victim.read_bytes() == b"original"
+    assert not (destination / "top" / "a.txt").is_symlink()
+    assert_extracted(destination, written)
+
+
+def test_members_never_get_the_archive_permission_bits(tmp_path):
+    # setuid/setgid/world-writable bits from a hostile archive are not applied (the umask decides).
+    info = tarfile.TarInfo("top/tool")
+    info.size = 4
+    info.mode = 0o6777
+    archive = _tar_with(tmp_path / "modes.tar", [(info, b"#!/x")])
+    (written,) = safe_extract(archive, tmp_path / "out", progress=False)
+    mode = stat.S_IMODE(written.stat().st_mode)
+    assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_IWOTH), oct(mode)

@@ -1,0 +1,178 @@
+"""Sanity checks for .ci/run: what the README's quick start, ``seg.eval`` and ``seg.predict`` leave behind.
+
+    python .ci/check_outputs.py training outputs/toy_resnest14
+    python .ci/check_outputs.py eval RUN/eval_toy_val.json --checkpoint RUN/best.pth --min-miou 0.5
+    python .ci/check_outputs.py images WORK/images --ground-truth TRUTH --samples ../shared/data
+    python .ci/check_outputs.py masks WORK/images MASKS --checkpoint RUN/best.pth --ground-truth TRUTH --min-miou 0.5
+
+Each prints ``CI: ok ...`` and exits 0, or prints every problem as ``CI: ...`` on stderr and exits 1. Run it with
+the virtual environment's Python (it imports ``seg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import List
+
+import numpy as np
+from PIL import Image
+
+from seg.data.toy import toy_scene
+from seg.engine.checkpoint import CheckpointError, load_checkpoint
+
+RUN_FILES = ("best.pth", "last.pth", "log.jsonl", "curves.png", "prediction_overlay.png")
+# Toy scenes for prediction: not square and not the 128 x 128 of the toy splits, so a mask of the wrong size shows;
+# seeds far from the toy splits' (split seed x 1,000,003 + index), so the model has never seen them.
+TOY_SCENE_SIZE = (144, 200)
+TOY_SCENE_SEEDS = (7_000_001, 7_000_002, 7_000_003)
+REAL_SAMPLE_GLOBS = ("ade20k/ADEChallengeData2016/images/validation/*.jpg",)
+REAL_SAMPLES_PER_GLOB = 2
+
+
+class CheckFailed(Exception):
+    """One or more outputs are missing or not sane; the message lists them."""
+
+
+def _fail_if(problems: List[str]) -> None:
+    if problems:
+        raise CheckFailed("\n".join(problems))
+
+
+def check_training(run: Path) -> str:
+    """The quick start's run folder holds every file the README lists, and the checkpoint is a finished run."""
+    problems = [f"{run / name} is missing or empty" for name in RUN_FILES
+                if not (run / name).is_file() or (run / name).stat().st_size == 0]
+    _fail_if(problems)
+    for picture in ("curves.png", "prediction_overlay.png"):
+        with Image.open(run / picture) as image:
+            image.verify()
+    checkpoint = load_checkpoint(run / "last.pth")
+    planned = checkpoint.get("config", {}).get("iters")
+    if planned is None or checkpoint.get("iteration") != planned:
+        problems.append(f"{run / 'last.pth'} stopped at iteration {checkpoint.get('iteration')} of {planned}")
+    losses = [json.loads(line).get("loss") for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [loss for loss in losses if loss is not None]
+    if not losses or not all(math.isfinite(loss) for loss in losses):
+        problems.append(f"{run / 'log.jsonl'}: {len(losses)} losses logged, not all finite")
+    _fail_if(problems)
+    return f"training run {run}: {planned} iterations, final loss {losses[-1]:.3f}"
+
+
+def check_eval(json_path: Path, checkpoint: Path, min_miou: float) -> str:
+    """seg.eval's JSON is for ``checkpoint`` and its scores are probabilities above ``min_miou``."""
+    if not json_path.is_file():
+        raise CheckFailed(f"{json_path} is missing: seg.eval wrote no metrics there")
+    record = json.loads(json_path.read_text())
+    problems = []
+    if Path(record.get("checkpoint", "")).resolve() != checkpoint.resolve():
+        problems.append(f"{json_path} evaluated {record.get('checkpoint')!r}, expected {checkpoint}")
+    for key in ("pixAcc", "mIoU", "mAcc", "fwIoU"):
+        value = record.get(key)
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            problems.append(f"{json_path}: {key} = {value!r}, expected a number in [0, 1]")
+    miou = record.get("mIoU")
+    if isinstance(miou, (int, float)) and not miou > min_miou:
+        problems.append(f"{json_path}: mIoU {miou:.4f} is not above {min_miou} (the quick start should reach 0.85)")
+    if not record.get("inference", {}).get("flip") or len(record.get("inference", {}).get("scales", [])) < 2:
+        problems.append(f"{json_path}: inference {record.get('inference')} is not multi-scale + flip")
+    _fail_if(problems)
+    return f"eval {json_path}: mIoU {miou:.4f}, pixAcc {record['pixAcc']:.4f} (multi-scale + flip)"
+
+
+def write_images(images: Path, ground_truth: Path, samples: Path) -> str:
+    """Toy scenes (with their masks) and, when the shared samples are there, a few real photographs."""
+    images.mkdir(parents=True, exist_ok=True)
+    ground_truth.mkdir(parents=True, exist_ok=True)
+    for seed in TOY_SCENE_SEEDS:
+        image, mask = toy_scene(*TOY_SCENE_SIZE, seed=seed)
+        Image.fromarray(image).save(images / f"toy_{seed}.png")
+        Image.fromarray(mask).save(ground_truth / f"toy_{seed}.png")
+    copied = []
+    for pattern in REAL_SAMPLE_GLOBS:
+        for path in sorted(samples.glob(pattern))[:REAL_SAMPLES_PER_GLOB]:
+            shutil.copyfile(path, images / path.name)
+            copied.append(path.name)
+    real = f" and {len(copied)} real sample(s) from {samples}" if copied else f" ({samples} has no real samples)"
+    return f"wrote {len(TOY_SCENE_SEEDS)} toy scenes{real} to {images}"
+
+
+def check_masks(images: Path, masks: Path, checkpoint: Path, ground_truth: Path, min_miou: float) -> str:
+    """One mask per image, at the image's size, with class ids only; on the toy scenes, mIoU above ``min_miou``."""
+    num_classes = len(load_checkpoint(checkpoint)["classes"])
+    inputs = sorted(p for p in images.iterdir() if p.is_file())
+    if not inputs:
+        raise CheckFailed(f"{images} holds no images")
+    problems = []
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for image_path in inputs:
+        mask_path = masks / f"{image_path.stem}.png"
+        if not mask_path.is_file():
+            problems.append(f"{mask_path} is missing (the mask of {image_path})")
+            continue
+        with Image.open(image_path) as image, Image.open(mask_path) as mask_image:
+            size, mask = image.size, np.asarray(mask_image)
+        if mask.ndim != 2 or (mask.shape[1], mask.shape[0]) != size:
+            problems.append(f"{mask_path} is {mask.shape}, expected one channel of {size[1]} x {size[0]}")
+            continue
+        if mask.max() >= num_classes:
+            problems.append(f"{mask_path} holds class id {mask.max()}, expected 0..{num_classes - 1}")
+            continue
+        truth_path = ground_truth / image_path.name
+        if truth_path.is_file():
+            truth = np.asarray(Image.open(truth_path)).astype(np.int64)
+            confusion += np.bincount(truth.ravel() * num_classes + mask.ravel(),
+                                     minlength=num_classes**2).reshape(num_classes, num_classes)
+    _fail_if(problems)
+    if not confusion.any():
+        raise CheckFailed(f"{ground_truth} holds no ground truth for the images in {images}")
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    miou = float(np.mean(np.diag(confusion)[union > 0] / union[union > 0]))
+    if not miou > min_miou:
+        raise CheckFailed(f"{masks}: mIoU {miou:.4f} on the toy scenes is not above {min_miou}")
+    return f"{len(inputs)} masks in {masks}: image sizes, class ids 0..{num_classes - 1}, toy-scene mIoU {miou:.4f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="check_outputs.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    training = commands.add_parser("training", help="the run folder of the quick start")
+    training.add_argument("run", type=Path)
+    evaluation = commands.add_parser("eval", help="the JSON written by python -m seg.eval")
+    evaluation.add_argument("json", type=Path)
+    evaluation.add_argument("--checkpoint", type=Path, required=True)
+    evaluation.add_argument("--min-miou", type=float, required=True)
+    images = commands.add_parser("images", help="write images to predict on")
+    images.add_argument("images", type=Path)
+    images.add_argument("--ground-truth", type=Path, required=True)
+    images.add_argument("--samples", type=Path, required=True, help="../shared/data, used when present")
+    masks = commands.add_parser("masks", help="the masks written by python -m seg.predict")
+    masks.add_argument("images", type=Path)
+    masks.add_argument("masks", type=Path)
+    masks.add_argument("--checkpoint", type=Path, required=True)
+    masks.add_argument("--ground-truth", type=Path, required=True)
+    masks.add_argument("--min-miou", type=float, required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "training":
+            summary = check_training(args.run)
+        elif args.command == "eval":
+            summary = check_eval(args.json, args.checkpoint, args.min_miou)
+        elif args.command == "images":
+            summary = write_images(args.images, args.ground_truth, args.samples)
+        else:
+            summary = check_masks(args.images, args.masks, args.checkpoint, args.ground_truth, args.min_miou)
+    except (CheckFailed, CheckpointError, OSError, ValueError) as error:
+        for line in str(error).splitlines():
+            print(f"CI: {line}", file=sys.stderr)
+        return 1
+    print(f"CI: ok: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
