@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ from PIL import Image
 
 from seg.config import RECIPES
 from seg.data import DataError, build_dataset, eval_transforms, list_datasets
+from seg.data.download import ArgumentParser
 from seg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from seg.engine.distributed import init_distributed, shutdown_distributed
 from seg.engine.evaluator import evaluate
@@ -42,7 +44,17 @@ def latest_checkpoint(root: Path = Path("outputs")) -> Optional[Path]:
     return candidates[-1] if candidates else None
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Argument checks shared by the inference CLIs (seg.eval, seg.predict, seg.export): each mistake is caught before
+# any model is built and reported as one line naming the flag, the value and what was expected (exit status 2).
+
+# The largest window side accepted: 4096 x 4096 windows already take gigabytes of activations per image at output
+# stride 8; training crops are 480-1024.
+MAX_CROP_SIZE = 4096
+
+
 def parse_scales(text: str) -> tuple:
+    """argparse type: ``"0.5,0.75,1.0"`` -> ``(0.5, 0.75, 1.0)``; every scale a finite positive number."""
     try:
         scales = tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -52,9 +64,61 @@ def parse_scales(text: str) -> tuple:
     return scales
 
 
+def int_in_range(low: int, high: Optional[int] = None):
+    """argparse type: an integer in ``low..high`` (no upper bound when ``high`` is None)."""
+    expected = f"an integer from {low} to {high}" if high is not None else f"an integer of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+crop_size_type = int_in_range(1, MAX_CROP_SIZE)
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be a checkpoint file, for what torch.load's own errors say badly; else None (a
+    missing file is left to :func:`~seg.engine.checkpoint.load_checkpoint`)."""
+    if path.is_dir():
+        return f"{path} is a folder; expected a checkpoint file such as outputs/<run>/best.pth"
+    if path.is_file() and path.stat().st_size == 0:
+        return f"{path} is empty (0 bytes); expected a checkpoint written by python -m seg.train"
+    return None
+
+
+def output_problem(path: Path, folder: bool) -> Optional[str]:
+    """Why ``path`` cannot be written as an output folder (``folder``) or file, else None; creates nothing.
+
+    Judged from the path itself and its nearest existing ancestor: an existing file where a folder is needed
+    (or the reverse), a file in the middle of the path, or an ancestor without write permission.
+    """
+    if folder and path.exists() and not path.is_dir():
+        return f"{path} is a file; expected a folder (existing or new)"
+    if not folder and path.is_dir():
+        return f"{path} is a folder; expected a file name"
+    ancestor = path if folder and path.is_dir() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{path} cannot be created: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{path} cannot be created: {ancestor} is not writable"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seg.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m seg.eval", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--checkpoint", type=Path, help="a seg checkpoint, or a PyTorch-Encoding DeepLab file with --backbone "
         "(default: best.pth of the most recent run under outputs/)")
@@ -66,34 +130,30 @@ def parser() -> argparse.ArgumentParser:
     add("--scales", type=parse_scales, help="comma-separated scales, e.g. 0.5,0.75,1.0")
     add("--flip", action="store_true", help="add the horizontally flipped view")
     add("--mode", choices=["whole", "slide"], help="whole image or sliding windows (default whole; slide w/ --ms-flip)")
-    add("--crop-size", type=int, help="window side for slide (default: the training crop)")
-    add("--stride", type=int, help="window step for slide (default 2/3 crop)")
-    add("--base-size", type=int, help="long side that the scales multiply (default: the training base size)")
-    add("--batch-size", type=int, default=4, help="windows per forward pass in slide mode")
+    add("--crop-size", type=crop_size_type,
+        help=f"window side for slide, 1 to {MAX_CROP_SIZE} (default: the training crop)")
+    add("--stride", type=int_in_range(1), help="window step for slide, 1 to the crop size (default 2/3 crop)")
+    add("--base-size", type=int_in_range(1), help="long side that the scales multiply (default: the training base "
+        "size)")
+    add("--batch-size", type=int_in_range(1), default=4, help="windows per forward pass in slide mode")
     add("--amp", choices=sorted(AMP), default="off", help="autocast dtype")
-    add("--limit", type=int, help="evaluate the first N images only")
+    add("--limit", type=int_in_range(1), help="evaluate the first N images only")
     add("--save-pred", type=Path, help="write one PNG per image here, in the dataset's own label values")
     add("--save-overlay", action="store_true", help="with --save-pred, also write colour overlays")
     add("--json", type=Path, help="where the metrics JSON goes (the confusion PNG goes beside it)")
-    add("--workers", type=int, default=2, help="DataLoader workers")
+    add("--workers", type=int_in_range(0), default=2, help="DataLoader workers")
     add("--device", default="auto", help="auto (default), cpu or cuda")
     return p
 
 
-def load_model(args, dataset_name: Optional[str], num_classes: Optional[int]):
-    """(model, checkpoint payload or None) from --checkpoint."""
-    try:
-        payload = load_checkpoint(args.checkpoint)
-    except CheckpointError:
-        if args.backbone is None or dataset_name is None:
-            raise
-        payload = None
+def load_model(args, payload: Optional[dict], num_classes: int) -> torch.nn.Module:
+    """The model of a seg checkpoint ``payload``, else (None) of a state-dict file with --backbone."""
     if payload is not None:
-        return model_from_checkpoint(payload), payload
+        return model_from_checkpoint(payload)
     # A published PyTorch-Encoding (or other state-dict) file: the architecture comes from the flags.
     model = build_segmentor("deeplabv3", backbone=args.backbone, num_classes=num_classes,
                             pretrained=str(args.checkpoint))
-    return model.eval(), None
+    return model.eval()
 
 
 def main(argv=None) -> int:
@@ -103,18 +163,25 @@ def main(argv=None) -> int:
         p.error(f"--dataset {args.dataset!r} is unknown; choose one of: {', '.join(list_datasets())}")
     if args.backbone is not None and args.backbone not in list_backbones():
         p.error(f"--backbone {args.backbone!r} is unknown; choose one of: {', '.join(list_backbones())}")
-    for flag in ("limit", "batch_size", "crop_size", "base_size"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.checkpoint is None:
         args.checkpoint = latest_checkpoint()
         if args.checkpoint is None:
             p.error("no --checkpoint given and no run found under outputs/ (train one with python -m seg.train)")
+    problems = [("--checkpoint", checkpoint_problem(args.checkpoint))]
+    if args.save_pred is not None:
+        problems.append(("--save-pred", output_problem(args.save_pred, folder=True)))
+    if args.json is not None:
+        problems.append(("--json", output_problem(args.json, folder=False)))
+    for flag, problem in problems:
+        if problem:
+            p.error(f"{flag} {problem}")
     try:
         return run(args)
     except (CheckpointError, DataError, PretrainedWeightsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an output that became unwritable after the checks above
+        print(f"error: cannot write {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return 2
     finally:
         shutdown_distributed()
@@ -122,20 +189,31 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     context = init_distributed(args.device)
-    trained = {}
-    if args.checkpoint.is_file() and args.backbone is None:
-        trained = load_checkpoint(args.checkpoint).get("config", {})
+    payload = None
+    if args.checkpoint.is_file() or args.backbone is None:
+        try:
+            payload = load_checkpoint(args.checkpoint)
+        except CheckpointError:
+            if args.backbone is None:
+                raise  # without --backbone it can only be a seg checkpoint
+    trained = payload.get("config", {}) if payload is not None else {}
     dataset_name = args.dataset or trained.get("dataset")
     if dataset_name is None:
         raise ValueError(f"--dataset is needed: {args.checkpoint} does not name its dataset")
+    if dataset_name not in list_datasets():
+        raise ValueError(f"{args.checkpoint} was trained on {dataset_name!r}, which is not a dataset here; pass "
+                         f"--dataset (one of: {', '.join(list_datasets())})")
     root = args.data_root or (trained.get("data_root") if dataset_name == trained.get("dataset") else None)
     dataset = build_dataset(dataset_name, args.split, root=root, transforms=eval_transforms())
     if args.limit:
         dataset.samples = dataset.samples[: args.limit]
-    model, payload = load_model(args, dataset_name, dataset.num_classes)
+    if len(dataset) == 0:
+        raise DataError(f"{dataset_name} {args.split} split has no samples" + (f" under {root}" if root else ""))
+    # Checked before the model is built: a checkpoint of another dataset fails at once.
     if payload is not None and payload["model_config"]["num_classes"] != dataset.num_classes:
         raise ValueError(f"{args.checkpoint} predicts {payload['model_config']['num_classes']} classes but "
-                         f"{dataset_name} has {dataset.num_classes}")
+                         f"{dataset_name} has {dataset.num_classes}; pass the --dataset it was trained on")
+    model = load_model(args, payload, dataset.num_classes)
     # Batch norm folded into the convolutions and channels_last: the same outputs (tests/models/test_fusion.py),
     # faster (bench/RESULTS.md).
     model = fuse_conv_bn(model, inplace=True).to(context.device, memory_format=torch.channels_last)

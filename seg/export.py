@@ -9,14 +9,15 @@ TorchScript is a trace (PyTorch deprecates TorchScript: prefer ONNX for new depl
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
+from seg.data.download import ArgumentParser
 from seg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from seg.eval import MAX_CROP_SIZE, checkpoint_problem, int_in_range, output_problem
 from seg.models.fusion import fuse_conv_bn
 
 TOLERANCE = 1e-3
@@ -53,15 +54,17 @@ FORMATS = {"onnx": (export_onnx, run_onnx), "torchscript": (export_torchscript, 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seg.export", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m seg.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a seg checkpoint")
     p.add_argument("--format", choices=sorted(FORMATS), required=True, help="onnx or torchscript")
     p.add_argument("--out", type=Path, required=True, help="the file to write")
-    p.add_argument("--size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"),
-                   help="example input size (any size works after export)")
+    p.add_argument("--size", type=int_in_range(32, MAX_CROP_SIZE), nargs=2, default=(256, 320), metavar=("H", "W"),
+                   help=f"example input size, each side 32 to {MAX_CROP_SIZE} (any size works after export)")
     args = p.parse_args(argv)
-    if min(args.size) < 32:
-        p.error(f"--size must be at least 32 x 32, got {args.size[0]} x {args.size[1]}")
+    for flag, problem in (("--checkpoint", checkpoint_problem(args.checkpoint)),
+                          ("--out", output_problem(args.out, folder=False))):
+        if problem:
+            p.error(f"{flag} {problem}")
     if args.format == "onnx":
         try:
             import onnxruntime  # noqa: F401

@@ -1,21 +1,25 @@
 """``python -m seg.predict IMAGES_OR_DIRS... --checkpoint C --out DIR``: masks for images, with a progress bar.
 
 Writes ``<name>.png`` palette masks (pixel values are class ids), and with ``--overlay`` ``<name>_overlay.png``,
-with ``--proba`` ``<name>_proba.npy`` (C x H x W float32). An unreadable input is reported by name and skipped;
-the exit status is then 1, with a summary at the end.
+with ``--proba`` ``<name>_proba.npy`` (C x H x W float32). An unreadable input, or one above ``--max-pixels``
+(checked from its header, before decoding), is reported by name and skipped; the exit status is then 1, with a
+summary at the end. Images above 2048 x 2048 pixels are predicted by sliding ``--crop-size`` windows, tile by tile
+(see ``seg.predictor``). Usage mistakes (a flag's value, the checkpoint, an unwritable --out, no input image at
+all) are one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from seg.data.io import DataError
+from seg.data.download import ArgumentParser
+from seg.data.io import DEFAULT_MAX_PIXELS, DataError
 from seg.engine.checkpoint import CheckpointError
+from seg.eval import MAX_CROP_SIZE, checkpoint_problem, crop_size_type, int_in_range, output_problem, parse_scales
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -33,24 +37,42 @@ def collect_inputs(paths) -> tuple:
     return images, missing
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seg.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a seg checkpoint")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip inference (slower, more accurate)")
-    p.add_argument("--overlay", action="store_true", help="also write colour overlays")
-    p.add_argument("--proba", action="store_true", help="also write class probabilities as .npy")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    args = p.parse_args(argv)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m seg.predict", description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("inputs", nargs="+", help="image files or folders")
+    add("--checkpoint", type=Path, required=True, help="a seg checkpoint")
+    add("--out", type=Path, required=True, help="output folder")
+    add("--ms-flip", action="store_true", help="multi-scale + flip inference (slower, more accurate)")
+    add("--scales", type=parse_scales, help="comma-separated scales, e.g. 0.75,1.0,1.25 (default with --ms-flip: "
+        "the training dataset's)")
+    add("--crop-size", type=crop_size_type, help=f"slide window side for --ms-flip and images above 2048 x 2048, "
+        f"1 to {MAX_CROP_SIZE} (default: the training crop)")
+    add("--max-pixels", type=int_in_range(0), default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images with more pixels, read from the file header before decoding (default "
+             f"{DEFAULT_MAX_PIXELS}; 0: no limit)")
+    add("--overlay", action="store_true", help="also write colour overlays")
+    add("--proba", action="store_true", help="also write class probabilities as .npy")
+    add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p
 
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    for flag, problem in (("--out", output_problem(args.out, folder=True)),
+                          ("--checkpoint", checkpoint_problem(args.checkpoint))):
+        if problem:
+            p.error(f"{flag} {problem}")
     images, missing = collect_inputs(args.inputs)
-    if not images and not missing:
-        p.error("no image files found in the inputs")
+    if not images:
+        p.error("no image file (" + ", ".join(IMAGE_SUFFIXES) + ") in " + ", ".join(map(str, args.inputs))
+                + (f" ({', '.join(map(str, missing))}: no such file or folder)" if missing else ""))
     from seg.predictor import Segmenter
 
     try:
-        segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+        segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device, crop_size=args.crop_size,
+                                              max_pixels=args.max_pixels or None)
         args.out.mkdir(parents=True, exist_ok=True)
     except CheckpointError as error:
         print(f"error: --checkpoint: {error}", file=sys.stderr)
@@ -62,15 +84,16 @@ def main(argv=None) -> int:
     failed = [f"{path}: no such file or folder" for path in missing]
     for path in tqdm(images, desc="predict", unit="img"):
         try:
+            rgb = segmenter.read(path)  # decoded once for the mask and the overlay
             if args.proba:
-                probabilities = segmenter.predict_proba(path, ms_flip=args.ms_flip)
+                probabilities = segmenter.predict_proba(rgb, ms_flip=args.ms_flip, scales=args.scales)
                 np.save(args.out / f"{path.stem}_proba.npy", probabilities)
                 mask = probabilities.argmax(0).astype(np.uint8)
             else:
-                mask = segmenter.predict(path, ms_flip=args.ms_flip)
+                mask = segmenter.predict(rgb, ms_flip=args.ms_flip, scales=args.scales)
             segmenter.save_mask(mask, args.out / f"{path.stem}.png")
             if args.overlay:
-                segmenter.overlay(path, mask).save(args.out / f"{path.stem}_overlay.png")
+                segmenter.overlay(rgb, mask).save(args.out / f"{path.stem}_overlay.png")
         except DataError as error:
             failed.append(str(error))
             tqdm.write(f"skipped {error}", file=sys.stderr)

@@ -7,13 +7,15 @@ Layout under the root::
     masks/train/**.png     single-channel or palette PNGs holding class indices 0..N-1, 255 = ignore
     images/val/ ...        (and masks/val/, images/test/ ...)
 
-Images and masks pair by their path relative to the split folder, without extension.
+Images and masks pair by their path relative to the split folder, without extension, compared in Unicode NFC:
+``café.jpg`` written on Linux (NFC) pairs with ``café.png`` copied from macOS (decomposed, NFD).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .base import (
     IGNORE_INDEX,
@@ -53,6 +55,11 @@ def read_class_list(path: Path) -> Tuple[List[str], Optional[List[Tuple[int, int
     return names, (colours if len(colours) == len(names) else None)
 
 
+def pairing_key(top: Path) -> Callable[[Path], str]:
+    """The key that pairs a file under ``top``: its relative path without extension, in Unicode NFC."""
+    return lambda path: unicodedata.normalize("NFC", str(path.relative_to(top).with_suffix("")))
+
+
 @DATASETS.register
 def folder(split: str = "train", root=None, transforms=None, allow_unpaired: bool = False) -> SegmentationDataset:
     """Any dataset laid out as images/<split>, masks/<split> and classes.txt."""
@@ -61,10 +68,9 @@ def folder(split: str = "train", root=None, transforms=None, allow_unpaired: boo
     classes, palette = read_class_list(base / "classes.txt")
     images_dir, masks_dir = base / "images" / split, base / "masks" / split
     require_split_dirs("folder", split, LAYOUT, images_dir, masks_dir)
-    relative = lambda top: (lambda p: str(p.relative_to(top).with_suffix("")))  # noqa: E731
     samples, problems = pair_by_stem(
         list_files(images_dir, IMAGE_SUFFIXES), list_files(masks_dir, (".png",)),
-        relative(images_dir), relative(masks_dir), f"folder {split} ({base})", allow_unpaired,
+        pairing_key(images_dir), pairing_key(masks_dir), f"folder {split} ({base})", allow_unpaired,
     )
     table = label_lookup(256, {**{value: value for value in range(len(classes))}, IGNORE_INDEX: IGNORE_INDEX})
     return SegmentationDataset(

@@ -78,10 +78,11 @@ class RandomRescaleCrop(A.DualTransform):
 
     def _window(self, height: int, width: int, long_side: int) -> Dict[str, Any]:
         scale = long_side / max(height, width)
+        # At least one pixel: a very thin image (1 x 1000) scaled down would otherwise lose its short side.
         if height > width:
-            new_h, new_w = long_side, int(width * scale + 0.5)
+            new_h, new_w = long_side, max(1, int(width * scale + 0.5))
         else:
-            new_h, new_w = int(height * scale + 0.5), long_side
+            new_h, new_w = max(1, int(height * scale + 0.5)), long_side
         crop_h, crop_w = self.crop_size
         y0 = int(self.py_random.randint(0, max(new_h - crop_h, 0)))
         x0 = int(self.py_random.randint(0, max(new_w - crop_w, 0)))
@@ -100,7 +101,8 @@ class RandomRescaleCrop(A.DualTransform):
     def get_params_dependent_on_data(self, params: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, Any]:
         height, width = params["shape"][:2]
         low, high = self.scale_range
-        long_side = int(self.py_random.randint(int(self.base_size * low), int(self.base_size * high)))
+        # At least 1: a small base size times a small scale would round the long side to 0.
+        long_side = int(self.py_random.randint(max(1, int(self.base_size * low)), max(1, int(self.base_size * high))))
         window = self._window(height, width, long_side)
         mask = data.get("mask")
         if self.cat_max_ratio < 1.0 and mask is not None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import warnings
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from seg.data import DataError, read_image, read_mask
+from seg.data.io import ImageTooLargeError
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 56, 3), dtype=np.uint8)
@@ -29,6 +32,9 @@ def save(path, image, **kwargs):
         ("sixteen.png", lambda: Image.fromarray(RGB[..., 0].astype(np.uint16) * 257), np.repeat(RGB[..., :1], 3, 2)),
         ("cmyk.jpg", lambda: Image.fromarray(RGB).convert("CMYK"), None),
         ("mode-é-ñ.png", lambda: Image.fromarray(RGB), RGB),  # non-ASCII file name
+        ("café_日本.jpg", lambda: Image.fromarray(RGB), None),
+        ("gray-alpha.png", lambda: Image.fromarray(RGB[..., 0]).convert("LA"), np.repeat(RGB[..., :1], 3, 2)),
+        ("palette-transparent.png", lambda: transparent_palette(), None),
     ],
 )
 def test_images_decode_to_8bit_rgb(tmp_path, name, make, expected):
@@ -40,6 +46,19 @@ def test_images_decode_to_8bit_rgb(tmp_path, name, make, expected):
     assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1  # CMYK conversion rounds differently
 
 
+def transparent_palette() -> Image.Image:
+    image = Image.fromarray(RGB).quantize(16)
+    image.info["transparency"] = 0
+    return image
+
+
+def test_sixteen_bit_colour_images_become_8_bit_rgb(tmp_path):
+    sixteen = RGB.astype(np.uint16) * 257  # 0..65535, so 8-bit v is 16-bit v * 257
+    path = tmp_path / "sixteen-rgb.png"
+    cv2.imwrite(str(path), sixteen[..., ::-1])  # OpenCV writes BGR
+    assert np.array_equal(read_image(path), RGB)
+
+
 def test_exif_orientation_is_honoured(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
@@ -48,16 +67,19 @@ def test_exif_orientation_is_honoured(tmp_path):
     assert read_image(path).shape == (56, 40, 3)
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
-def test_broken_images_are_named(tmp_path, damage):
+@pytest.mark.parametrize("suffix,encoder", [("jpg", "JPEG"), ("png", "PNG")])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "header-only"])
+def test_broken_images_are_named(tmp_path, damage, suffix, encoder):
     buffer = io.BytesIO()
-    Image.fromarray(RGB).save(buffer, "JPEG")
-    data = {"empty": b"", "truncated": buffer.getvalue()[:300], "garbage": b"not an image at all"}[damage]
-    path = tmp_path / f"{damage}.jpg"
+    Image.fromarray(RGB).save(buffer, encoder)
+    encoded = buffer.getvalue()
+    data = {"empty": b"", "truncated": encoded[: len(encoded) // 2], "garbage": b"not an image at all",
+            "header-only": encoded[:40]}[damage]
+    path = tmp_path / f"{damage}.{suffix}"
     path.write_bytes(data)
-    with pytest.raises(DataError, match=f"{damage}.jpg: "):
+    with pytest.raises(DataError, match=f"{damage}.{suffix}: "):
         read_image(path)
-    with pytest.raises(DataError, match=f"{damage}.jpg: "):
+    with pytest.raises(DataError, match=f"{damage}.{suffix}: "):
         read_mask(path)
 
 
@@ -66,9 +88,9 @@ def test_missing_file_is_named(tmp_path):
         read_image(tmp_path / "nope.png")
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "I;16", "RGB-gray"])
+@pytest.mark.parametrize("mode", ["L", "P", "I;16", "RGB-gray", "RGBA-gray", "LA", "1"])
 def test_masks_keep_class_indices(tmp_path, mode):
-    values = RNG.integers(0, 20, (30, 30)).astype(np.uint8)
+    values = RNG.integers(0, 2 if mode == "1" else 20, (30, 30)).astype(np.uint8)
     if mode == "P":
         image = Image.frombytes("P", (30, 30), values.tobytes())
         image.putpalette(list(RNG.integers(0, 256, 768).astype(int)))
@@ -76,10 +98,50 @@ def test_masks_keep_class_indices(tmp_path, mode):
         image = Image.fromarray(values.astype(np.uint16))
     elif mode == "RGB-gray":
         image = Image.fromarray(np.repeat(values[..., None], 3, axis=2))
+    elif mode == "RGBA-gray":
+        image = Image.fromarray(np.dstack([values, values, values, np.full_like(values, 7)]))
+    elif mode == "LA":
+        image = Image.fromarray(np.dstack([values, np.full_like(values, 9)]), mode="LA")
+    elif mode == "1":
+        image = Image.fromarray(values.astype(bool))
     else:
         image = Image.fromarray(values)
     path = save(tmp_path / "mask.png", image)
     assert np.array_equal(read_mask(path), values)
+
+
+def test_sixteen_bit_masks_keep_values_above_255(tmp_path):
+    values = np.array([[0, 255, 256], [1000, 65535, 7]], np.uint16)
+    path = save(tmp_path / "masque_été.png", Image.fromarray(values))  # and a non-ASCII name
+    mask = read_mask(path)
+    assert mask.dtype == np.int32 and np.array_equal(mask, values.astype(np.int32))
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_pixel_limit_is_checked_from_the_header(tmp_path, suffix):
+    path = save(tmp_path / f"wide.{suffix}", Image.fromarray(RGB[..., 0]))  # 56 x 40 = 2240 pixels
+    message = f"wide.{suffix}: image is 56x40 \\(0.0 megapixels\\), above the limit of 0.002 megapixels"
+    with pytest.raises(ImageTooLargeError, match=message):
+        read_image(path, max_pixels=2000)
+    if suffix == "png":
+        with pytest.raises(ImageTooLargeError, match=message):
+            read_mask(path, max_pixels=2000)
+        assert read_mask(path, max_pixels=2240).shape == (40, 56)
+    assert read_image(path, max_pixels=2240).shape == (40, 56, 3)
+    assert read_image(path, max_pixels=None).shape == (40, 56, 3)
+
+
+def test_pillows_own_bomb_guard_never_surfaces(tmp_path, monkeypatch):
+    """Whatever Pillow's global limit, ours decides: no DecompressionBombError or warning reaches the caller."""
+    path = save(tmp_path / "mask.png", Image.fromarray(RGB[..., 0]))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow would now raise above 200 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(path).shape == (40, 56, 3)
+        assert np.array_equal(read_mask(path), RGB[..., 0])
+        for read in (read_image, read_mask):
+            with pytest.raises(ImageTooLargeError, match="mask.png: image is 56x40 .* limit of 0.001 megapixels"):
+                read(path, max_pixels=1000)
 
 
 def test_colour_coded_masks_are_refused(tmp_path):
