@@ -5,8 +5,11 @@ params, GMACs, images/s, median latency, peak memory and the ratio of seg's spee
 seg is faster). References run in whichever memory format is faster for them. ``--quick`` shrinks every size
 for a smoke test of the tool (not of the speed); ``--json`` writes the rows.
 
-Peak memory is the growth of the process's resident set (CPU; approximate, as the allocator keeps some freed
-memory) or the peak of allocated memory (CUDA) while the contender is built and run: weights plus activations.
+All contenders of a case are built and warmed up first and then timed in interleaved rounds (the order rotated
+each round), so a change in machine load or a first-run penalty falls on all of them alike: the ratios hold on
+a shared machine even when the absolute rates do not. Peak memory is the growth of the process's resident set
+(CPU; approximate, as the allocator keeps some freed memory) or of allocated memory (CUDA) over the contender's
+warm-up run, from before its weights were loaded: weights plus the run's activations.
 
 Cases: ResNeSt-50/101 classification (224, batch 8); dilated output-stride-8 backbones (512x512); DeepLabV3
 inference (512x512, and a 1024x2048 frame in slide mode); one DeepLabV3 training step (crop 512, batch 2:
@@ -21,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -29,8 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seg.engine.inference import MS_SCALES, InferenceConfig, predict_probabilities, single_scale_probabilities
-from seg.engine.trainer import segmentation_loss
+from seg.engine.inference import (MS_SCALES, InferenceConfig, predict_probabilities, scaled_size,
+                                  single_scale_probabilities)
+from seg.engine.loss import segmentation_loss
 from seg.models import build_backbone, build_segmentor
 from seg.models.complexity import count_parameters
 from seg.models.fusion import fuse_conv_bn
@@ -85,19 +90,18 @@ def torchvision_logits(module: nn.Module, x: torch.Tensor):
         return module(x)["out"]
 
 
-def train_step_of(optimizer_for: Dict[int, torch.optim.Optimizer], outputs_style: str):
+def train_step_of(outputs_style: str):
     """One SGD step (forward, CE loss + 0.4 x aux, backward, step) on a fixed random target.
 
     ``outputs_style``: "seg" (a (main, aux) tuple), "torchvision" (a dict with "out" and "aux") or "plain" (one
-    tensor, no auxiliary loss).
+    tensor, no auxiliary loss). Each module keeps its own optimizer (momentum buffers included) across steps.
     """
+    optimizers: "weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer]" = weakref.WeakKeyDictionary()
 
     def step(module: nn.Module, x: torch.Tensor):
-        key = id(module)
-        if key not in optimizer_for:
-            optimizer_for.clear()  # one model at a time: a finished contender's optimizer must not pin its weights
-            optimizer_for[key] = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
-        optimizer = optimizer_for[key]
+        if module not in optimizers:
+            optimizers[module] = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+        optimizer = optimizers[module]
         target = torch.randint(0, 150, (x.shape[0], x.shape[2], x.shape[3]), device=x.device,
                                generator=torch.Generator(device=x.device).manual_seed(0))
         outputs = module(x)
@@ -209,28 +213,27 @@ def build_cases(quick: bool, train_batch: int = 2) -> List[Case]:
         lambda m, x: predict_probabilities(m, x, slide)))
     cases.append(case)
 
-    optimizers: Dict[int, torch.optim.Optimizer] = {}
     tb = train_batch  # two at least: the references cannot train batch norm on one image
     for depth, timm_name in ((50, "resnest50d"), (101, "resnest101e")):
         case = Case(f"DeepLabV3-ResNeSt-{depth} train step crop {size(512)}, batch {tb}",
                     (tb, 3, size(512), size(512)), tb)
         case.contenders.append(Contender(
             "seg", lambda d=depth: build_segmentor("deeplabv3", backbone=f"resnest{d}", num_classes=150),
-            train_step_of(optimizers, "seg")))
+            train_step_of("seg")))
         if official is not None:
             case.contenders.append(Contender(f"official resnest{depth} + torchvision heads",
                                              lambda d=depth: official_deeplabv3(d),
-                                             train_step_of(optimizers, "torchvision")))
+                                             train_step_of("torchvision")))
         if smp:
             case.contenders.append(Contender("seg, no aux head", lambda d=depth: build_segmentor(
-                "deeplabv3", backbone=f"resnest{d}", num_classes=150, aux=False), train_step_of(optimizers, "plain")))
+                "deeplabv3", backbone=f"resnest{d}", num_classes=150, aux=False), train_step_of("plain")))
             case.contenders.append(Contender(f"smp DeepLabV3 {timm_name} (no aux head)",
-                                             lambda t=timm_name: smp_deeplabv3(t), train_step_of(optimizers, "plain"),
+                                             lambda t=timm_name: smp_deeplabv3(t), train_step_of("plain"),
                                              versus="seg, no aux head"))
         case.contenders.append(Contender(f"torchvision deeplabv3_resnet{depth}", lambda d=depth: getattr(
             torchvision.models.segmentation, f"deeplabv3_resnet{d}")(weights=None, weights_backbone=None,
                                                                     num_classes=150, aux_loss=True),
-            train_step_of(optimizers, "torchvision")))
+            train_step_of("torchvision")))
         cases.append(case)
     return cases
 
@@ -248,17 +251,29 @@ def ms_flip_case(quick: bool, device: torch.device, amp: Optional[torch.dtype], 
         image = image.contiguous(memory_format=torch.channels_last)
     config = InferenceConfig(mode="slide", crop_size=crop, scales=MS_SCALES["ade20k"], flip=True,
                              base_size=width, amp_dtype=amp)
-    full = median_seconds(lambda: predict_probabilities(model, image, config), repeats)
-    alone = 0.0
+    runs = [lambda: predict_probabilities(model, image, config)]
     for scale in config.scales:
-        side = int(width * scale + 0.5)
-        size = (max(1, int(height * side / width + 0.5)), side)
-        view = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+        size = scaled_size(height, width, scale, config.base_size)
+        view = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
+                                                                    align_corners=True)
         for flip in (False, True):
             one = InferenceConfig(mode="slide", crop_size=crop, amp_dtype=amp)
             viewed = view.flip(-1) if flip else view
-            with torch.no_grad():
-                alone += median_seconds(lambda v=viewed, c=one: single_scale_probabilities(model, v, c), repeats)
+            runs.append(lambda v=viewed, c=one: single_scale_probabilities(model, v, c))
+    # Interleaved rounds, as in run_case: the whole evaluation and its passes see the same machine load.
+    times: List[List[float]] = [[] for _ in runs]
+    with torch.no_grad():
+        for run in runs:
+            run()  # warm-up
+        for _ in range(repeats):
+            for index, run in enumerate(runs):
+                synchronize(device)
+                start = time.perf_counter()
+                run()
+                synchronize(device)
+                times[index].append(time.perf_counter() - start)
+    full = statistics.median(times[0])
+    alone = sum(statistics.median(t) for t in times[1:])
     return {"case": f"multi-scale + flip {height}x{width} (12 passes)", "seconds": full,
             "passes_alone_seconds": alone, "overhead": full / alone}
 
@@ -336,45 +351,102 @@ def resident_mb() -> float:
     return float("nan")
 
 
-def run_case(case: Case, device: torch.device, amp: Optional[torch.dtype], channels_last: bool, compile_: bool,
-             repeats: int) -> List[Dict[str, object]]:
-    """Every contender of ``case``, each in its faster memory format (seg in the requested one)."""
+@dataclass
+class Entry:
+    """One contender in one memory format, built and warmed up, waiting for its timed rounds."""
+
+    contender: Contender
+    channels_last: bool
+    once: Callable[[], None]
+    row: Dict[str, object]
+    times: List[float] = field(default_factory=list)
+
+
+def prepare(case: Case, contender: Contender, use_channels_last: bool, device: torch.device,
+            amp: Optional[torch.dtype], compile_: bool) -> Entry:
+    """Build ``contender``, count its FLOPs on a first (warm-up) run and measure its peak memory there."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    is_seg = contender.name.startswith("seg")
+    torch.manual_seed(0)
+    release_freed_memory()  # the memory other contenders freed goes back first
+    baseline = resident_mb() if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
+    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+    module = contender.build().to(device).train("train step" in case.title).to(memory_format=memory_format)
+    release_freed_memory()  # building's temporaries (e.g. folding batch norm) are not the model's footprint
+    reset_peak_memory(device)
+    params = count_parameters(module)
+    x = torch.randn(*case.input_shape, device=device).contiguous(memory_format=memory_format)
+    runnable = torch.compile(module) if compile_ and is_seg else module
+
+    def once(run=contender.run, module=runnable, x=x):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            run(module, x)
+
+    once()  # compile, allocator and kernel-selection warm-up, kept out of the counts below
+    synchronize(device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        once()
+    synchronize(device)
+    peak = peak_memory_mb(device) - baseline
+    row = {"case": case.title, "implementation": contender.name, "channels_last": use_channels_last,
+           "params": params, "gmacs_per_image": counter.get_total_flops() / 2 / case.images / 1e9,
+           "peak_memory_mb": peak, "flops": counter.get_total_flops(), "versus": contender.versus}
+    return Entry(contender, use_channels_last, once, row)
+
+
+def warm_up_runtime(device: torch.device) -> None:
+    """Initialise the libraries (oneDNN/cuDNN, thread pools, autograd) once, so their one-time memory and time are
+    not charged to whichever contender happens to run first."""
+    model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=4).to(device)
+    x = torch.randn(2, 3, 64, 64, device=device)
+    for channels_last in (False, True):
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model.to(memory_format=memory_format).train()
+        main, aux = model(x.contiguous(memory_format=memory_format))
+        (main.mean() + aux.mean()).backward()
+        with torch.no_grad():
+            model.eval()(x.contiguous(memory_format=memory_format))
+    synchronize(device)
+    del model, x
+    release_freed_memory()
+
+
+def run_case(case: Case, device: torch.device, amp: Optional[torch.dtype], channels_last: bool, compile_: bool,
+             repeats: int) -> List[Dict[str, object]]:
+    """Every contender of ``case``, each in its faster memory format (seg in the requested one).
+
+    All contenders are built and warmed up first, then timed in interleaved rounds (each round in a rotated
+    order), so a change in machine load or a first-run penalty falls on every contender alike and the ratios
+    stay meaningful on a shared machine. Peak memory is each one's own, measured on its warm-up run.
+    """
+    entries: List[Entry] = []
+    for contender in case.contenders:
+        formats = (channels_last,) if contender.name.startswith("seg") else contender.formats
+        for use_channels_last in formats:
+            entries.append(prepare(case, contender, use_channels_last, device, amp, compile_))
+    for round_index in range(repeats):
+        shift = round_index % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            entry.once()
+            synchronize(device)
+            entry.times.append(time.perf_counter() - start)
+
     rows = []
-    training = "train step" in case.title
     for contender in case.contenders:
         best = None
-        is_seg = contender.name.startswith("seg")
-        formats = (channels_last,) if is_seg else contender.formats
-        for use_channels_last in formats:
-            torch.manual_seed(0)
-            release_freed_memory()  # the previous contender's weights and activations go back first
-            baseline = resident_mb() if device.type == "cpu" else 0.0
-            reset_peak_memory(device)
-            memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
-            module = contender.build().to(device).train(training).to(memory_format=memory_format)
-            params = count_parameters(module)
-            x = torch.randn(*case.input_shape, device=device).contiguous(memory_format=memory_format)
-            runnable = torch.compile(module) if compile_ and is_seg else module
-
-            def once(run=contender.run, module=runnable, x=x):
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    run(module, x)
-
-            counter = FlopCounterMode(display=False)
-            with counter:
-                once()  # counted, and a warm-up
-            seconds = median_seconds(once, repeats, device)
-            row = {"case": case.title, "implementation": contender.name, "channels_last": use_channels_last,
-                   "params": params, "gmacs_per_image": counter.get_total_flops() / 2 / case.images / 1e9,
-                   "latency_s": seconds, "images_per_s": case.images / seconds,
-                   "peak_memory_mb": peak_memory_mb(device) - baseline,
-                   "flops_per_s": counter.get_total_flops() / seconds, "versus": contender.versus}
-            del module, runnable, once, counter
+        for entry in (e for e in entries if e.contender is contender):
+            seconds = statistics.median(entry.times)
+            row = {**entry.row, "latency_s": seconds, "images_per_s": case.images / seconds,
+                   "flops_per_s": entry.row["flops"] / seconds}
             if best is None or seconds < best["latency_s"]:
                 best = row
         rows.append(best)
+    del entries
+    release_freed_memory()
     by_name = {row["implementation"]: row for row in rows}
     for row in rows:
         own = row["implementation"].startswith("seg")
@@ -435,7 +507,12 @@ def main(argv=None) -> int:
     run_ms_flip = not args.only or args.only in "multi-scale + flip"
     if not cases and not run_ms_flip:
         p.error(f"--only {args.only!r} matches no case")
+    if args.quick:  # a smoke test of the tool: one memory format per reference is enough
+        for case in cases:
+            for contender in case.contenders:
+                contender.formats = (False,)
 
+    warm_up_runtime(device)
     rows = []
     for case in cases:
         rows += run_case(case, device, amp, args.channels_last, args.compile, repeats)

@@ -22,3 +22,10 @@ def test_quick_bench_prints_every_case_with_ratios(tmp_path):
         assert row["images_per_s"] > 0 and row["gmacs_per_image"] > 0 and row["seg_speedup"] > 0
     assert report["ms_flip"]["overhead"] > 0
     assert "QUICK sizes" in result.stdout and "| seg " in result.stdout
+
+
+def test_the_loss_module_ignores_the_datasets_ignore_value():
+    from seg.data.base import IGNORE_INDEX
+    from seg.engine.loss import IGNORE_INDEX as LOSS_IGNORE_INDEX
+
+    assert LOSS_IGNORE_INDEX == IGNORE_INDEX
