@@ -142,7 +142,10 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.dropblock3 is not None:
             out = self.dropblock3(out)
-        return self.relu(out + shortcut)
+        # In place: ``out`` is a fresh tensor that neither bn3's nor conv3's backward needs, so the sum needs no
+        # new full-size buffer (the shortcut may be the block's input and is left untouched).
+        out += shortcut
+        return self.relu(out)
 
 
 def stage_dilations(output_stride: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
