@@ -30,3 +30,18 @@ def test_data_pipeline_bench_names_a_missing_data_folder(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2 and "--data" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cuda_checks_script_runs_on_cpu_and_its_parity_checks_pass():
+    """The GPU script is only run by hand on a lent GPU: this keeps it from rotting between such sessions."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cuda_checks.py"), "--device", "cpu", "--backbone", "resnest14",
+         "--batch", "1", "--size", "32", "--skip-compile"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for start in ("parity fp32", "inference fp32 batch 1", "inference bf16 batch 1", "train step fp32 batch 1",
+                  "train step bf16 batch 1", "multi-scale + flip", "compiled inference parity: skipped"):
+        assert any(line.startswith(start) for line in lines), (start, result.stdout)
+    assert lines[-1] == "PASS"
