@@ -51,6 +51,9 @@ class TrainConfig:
     scale_range: Tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     photometric: bool = True
+    # An unreadable training file stops the run (naming it) unless this is set: then it is logged, counted and
+    # replaced by the next readable sample.
+    skip_bad_samples: bool = False
     aux: bool = True
     aux_weight: float = 0.5
     pretrained: str = "auto"

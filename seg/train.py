@@ -50,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     add("--output-dir", help="where checkpoints and logs go (default: outputs/<dataset>_<backbone>)")
     add("--resume", help="auto (last.pth in the output directory, if any) or a checkpoint path")
     add("--eval-every", type=int, help="validate every N iterations (default: ~10 times per run)")
+    add("--skip-bad-samples", action="store_const", const=True,
+        help="replace an unreadable training image or mask by the next readable one (logged and counted in "
+             "log.jsonl) instead of stopping the run")
     add("--val-limit", type=int, help="validate on the first N validation images only (quick runs)")
     add("--checkpoint-every", type=int, help="write last.pth every N iterations")
     add("--log-every", type=int, help="log loss, lr and throughput every N iterations (default 10)")

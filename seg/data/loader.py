@@ -5,17 +5,24 @@ The :class:`SeededSampler` shuffles and shards the dataset itself (one shard per
 position in the epoch). The dataset seeds the augmentation with it, so a sample's crop, flip and colours depend
 neither on which worker draws it nor on how many workers there are, differ per epoch, and are the same again
 after resuming from the middle of an epoch (``start``).
+
+Unreadable files: a :class:`DataError` raised in a worker would reach the main process re-raised by PyTorch with
+the worker's whole traceback as its message. :func:`build_dataloader` instead passes it back as data and raises it
+in the main process with its own one-line message, or, with ``skip_bad_samples``, replaces the sample by the next
+readable one (see :class:`GuardedDataset`).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from .io import DataError
 
 
 def distributed_context() -> Tuple[int, int]:
@@ -99,6 +106,59 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
+class GuardedDataset(Dataset):
+    """``dataset`` whose unreadable samples travel to the main process as data instead of as worker exceptions.
+
+    An item that raises :class:`DataError` becomes ``{"error": message}`` (the loader raises it), or, with
+    ``skip_bad_samples``, the next readable item in dataset order (wrapping around) with the same augmentation seed,
+    so a batch stays a pure function of the sampler's output and a resumed run sees exactly the same data. Every
+    item carries ``"skipped"``: the messages of the files it stands in for (usually none).
+    """
+
+    def __init__(self, dataset: Dataset, skip_bad_samples: bool = False) -> None:
+        self.dataset = dataset
+        self.skip_bad_samples = skip_bad_samples
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> Dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        skipped: List[str] = []
+        for offset in range(len(self.dataset)):
+            candidate = (index + offset) % len(self.dataset)
+            try:
+                sample = self.dataset[(candidate, seed)]
+            except DataError as error:
+                if not self.skip_bad_samples:
+                    return {"error": str(error)}
+                skipped.append(str(error))
+                continue
+            return {**sample, "skipped": skipped}
+        return {"error": f"no readable sample left: all {len(self.dataset)} were skipped, e.g. {skipped[0]}"}
+
+
+def collate_guarded(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Collate :class:`GuardedDataset` items: the first error alone if there is one, else the batch with
+    ``"skipped"`` holding every replaced file's message."""
+    errors = [sample["error"] for sample in samples if "error" in sample]
+    if errors:
+        return {"error": errors[0]}
+    skipped = [message for sample in samples for message in sample.pop("skipped")]
+    return {**default_collate(samples), "skipped": skipped}
+
+
+class GuardedDataLoader(DataLoader):
+    """A DataLoader over a :class:`GuardedDataset` that raises its errors as :class:`DataError` in the main
+    process, with the message naming the file."""
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for batch in super().__iter__():
+            if "error" in batch:
+                raise DataError(batch["error"])
+            yield batch
+
+
 def build_dataloader(
     dataset: Dataset,
     batch_size: int,
@@ -106,16 +166,21 @@ def build_dataloader(
     workers: int = 4,
     seed: int = 0,
     sampler: Optional[SeededSampler] = None,
+    skip_bad_samples: bool = False,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` with a :class:`SeededSampler` (shuffled and dropping the last incomplete
     batch when ``train``), worker seeding, pinned memory on CUDA machines and persistent workers.
+
+    An unreadable file raises :class:`DataError` naming it in the main process, whatever the number of workers;
+    with ``skip_bad_samples`` its sample is replaced by the next readable one instead. Each batch holds the
+    collated ``image``, ``mask`` and ``path``, and ``skipped``: the messages of the files replaced in it.
 
     Call ``loader.sampler.set_epoch(epoch)`` at the start of every epoch.
     """
     if sampler is None:
         sampler = SeededSampler(len(dataset), shuffle=train, seed=seed)
-    return DataLoader(
-        dataset,
+    return GuardedDataLoader(
+        GuardedDataset(dataset, skip_bad_samples),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
@@ -123,5 +188,6 @@ def build_dataloader(
         drop_last=train,
         persistent_workers=workers > 0,
         worker_init_fn=seed_worker,
+        collate_fn=collate_guarded,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -1,35 +1,119 @@
-"""Checkpoints that survive crashes: written to a temporary file, fsynced, then renamed over the old one, so a
-kill at any moment leaves the previous checkpoint intact; read back with ``weights_only=True``."""
+"""Checkpoints that survive crashes and are verified when read.
+
+Writing: to a temporary file beside the target, fsynced, then renamed over the old one, so a kill at any moment
+leaves the previous checkpoint intact (at worst a ``.<name>.*.tmp`` file stays behind; the next save removes it).
+Reading: ``weights_only=True``, after checking every entry of torch's zip container against the CRC-32 torch
+recorded when writing it. torch itself notices only a file cut before its central directory, not a damaged
+entry (a truncated copy that happens to end on a record boundary, a flipped bit), and would load those silently.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import random
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = "seg-checkpoint-v1"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container; older non-zip files carry no checksums to verify
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file and why."""
 
 
+def describe(error: OSError) -> str:
+    """The reason of an OSError without its errno number, e.g. 'No space left on device'."""
+    return error.strerror or str(error) or type(error).__name__
+
+
+def remove_partial_checkpoints(directory: Union[str, os.PathLike], name: Optional[str] = None) -> None:
+    """Delete the temporary files that saves of ``name`` (default: any ``*.pth``) killed before their rename left
+    in ``directory``; they are never loaded, only cleaned up."""
+    pattern = f".{glob.escape(name)}.*.tmp" if name else ".*.pth.*.tmp"
+    for leftover in Path(directory).glob(pattern):
+        leftover.unlink(missing_ok=True)
+
+
+def ensure_writable_directory(directory: Union[str, os.PathLike], label: str = "directory") -> None:
+    """Create ``directory`` if needed and prove a file can be written there; CheckpointError if not, naming it as
+    ``label`` (e.g. the flag that chose it).
+
+    Run before training starts, so an unwritable ``--output-dir`` fails in a second rather than at the first save.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{label} {directory} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise CheckpointError(f"{label} {directory} is not writable: {describe(error)}") from None
+
+
+class _WriteErrorRecorder:
+    """Passes writes through to ``handle`` and remembers the first OSError: torch.save reports a failed write as
+    an opaque RuntimeError ("unexpected pos ..."), and the real reason (a full disk) is what people need."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+@contextlib.contextmanager
+def _crc32_recorded() -> Iterator[None]:
+    """torch.save with CRC-32s computed (torch can be told to skip them), since :func:`load_checkpoint` checks them."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None or get():
+        yield
+        return
+    torch.serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(False)
+
+
 def save_checkpoint(payload: Mapping[str, Any], path: Union[str, os.PathLike]) -> Path:
-    """Atomically write ``payload`` (tensors and plain Python values) to ``path``."""
+    """Atomically write ``payload`` (tensors and plain Python values) to ``path``.
+
+    On any failure (a full disk, a read-only folder) raises CheckpointError naming ``path`` and the reason; the
+    previous file at ``path`` is untouched and no temporary file is left behind.
+    """
     path = Path(path)
+    kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(path.parent, path.name)  # an earlier save of this file that was killed
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror}") from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {describe(error)}{kept}") from None
+    writer: Optional[_WriteErrorRecorder] = None
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, **payload}, handle)
+            writer = _WriteErrorRecorder(handle)
+            with _crc32_recorded():
+                torch.save({"format": CHECKPOINT_FORMAT, **payload}, writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -38,20 +122,44 @@ def save_checkpoint(payload: Mapping[str, Any], path: Union[str, os.PathLike]) -
             os.fsync(directory)  # make the rename itself durable
         finally:
             os.close(directory)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}") from None
+        recorded = writer.error if writer is not None else None
+        if isinstance(error, RuntimeError) and recorded is None:
+            raise  # not an I/O failure: a bug, keep its traceback
+        reason = describe(recorded or error)  # type: ignore[arg-type]
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def verify_archive(path: Path) -> None:
+    """Check every entry of a zip-format torch file against its recorded CRC-32; CheckpointError if damaged."""
+    with open(path, "rb") as handle:
+        if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return  # not a zip container: torch.load decides (and refuses anything but plain data)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_entry = archive.testzip()  # reads every entry; None when all CRC-32s match
+        problem = None if bad_entry is None else f"entry {bad_entry} fails its CRC-32 check"
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError) as error:
+        problem = f"broken zip structure: {error}"
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {describe(error)}") from None
+    if problem is not None:
+        raise CheckpointError(f"{path} is damaged ({problem}): truncated or corrupted, e.g. by an interrupted "
+                              f"copy; use another copy")
+
+
 def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read a ``seg`` checkpoint (never unpickling code); CheckpointError if it is missing, damaged or foreign."""
+    """Read a ``seg`` checkpoint (never unpickling code) after verifying its checksums; CheckpointError if it is
+    missing, damaged or foreign."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    verify_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means "not a usable checkpoint"

@@ -5,6 +5,7 @@ Read top to bottom: build data, model, optimiser; resume if asked; then iterate 
 ``accum`` micro-batches, saving ``last.pth`` every ``checkpoint_every`` steps and ``best.pth`` by validation
 mIoU. Everything that determines the next step (weights, optimiser and LR state, scaler, RNG states, position
 in the epoch) is in the checkpoint, so a killed run resumed with ``--resume auto`` ends with the same weights.
+Under ``torchrun --max-restarts`` the same ``--resume auto`` makes restarted workers continue from ``last.pth``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -20,26 +23,37 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from seg.config import TrainConfig
 from seg.data import build_dataset, eval_transforms, train_transforms
-from seg.data.base import IGNORE_INDEX
 from seg.data.loader import SeededSampler, build_dataloader
 from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from seg.models import PUBLISHED_WEIGHTS, build_segmentor, set_dropblock_progress
 
-from .checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from .checkpoint import (
+    describe,
+    ensure_writable_directory,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from .determinism import enable_determinism
 from .distributed import DistributedContext, init_distributed, synchronise_batchnorm
 from .evaluator import evaluate
 from .inference import InferenceConfig
+from .loss import segmentation_loss
 from .lr_schedule import poly_schedule
 from .metrics import format_metrics_table
 from .plots import overlay, save_training_curves
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Test hook, read only by crash_iteration_for_tests(): the tests of torchrun's restarts set it to make one worker die.
+TEST_CRASH_VARIABLE = "SEG_TEST_CRASH_AT_ITERATION"
 
 
 def tensorboard_writer(output_dir: Path):
@@ -53,6 +67,21 @@ def tensorboard_writer(output_dir: Path):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a dataset smaller than a batch); the message says why."""
+
+
+def crash_iteration_for_tests(context: DistributedContext) -> Optional[int]:
+    """The iteration after which this process must SIGKILL itself, for tests of recovery; None normally.
+
+    Only when ``SEG_TEST_CRASH_AT_ITERATION`` is set, only in the last rank, and only in the first attempt
+    (``TORCHELASTIC_RESTART_COUNT`` 0 or unset), so the worker ``torchrun`` restarts runs to the end.
+    """
+    value = os.environ.get(TEST_CRASH_VARIABLE)
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{TEST_CRASH_VARIABLE} must be an iteration number, got {value!r}")
+    first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+    return int(value) if first_attempt and context.rank == context.world_size - 1 else None
 
 
 def resolve_pretrained(cfg: TrainConfig) -> Optional[str]:
@@ -72,16 +101,6 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]
     return [{"params": backbone, "lr": cfg.lr}, {"params": heads, "lr": cfg.lr * cfg.head_lr_mult}]
 
 
-def segmentation_loss(outputs, target: torch.Tensor, aux_weight: float) -> torch.Tensor:
-    """Cross-entropy of the main logits plus ``aux_weight`` x that of the auxiliary logits (ignore = 255)."""
-    if isinstance(outputs, tuple):
-        main, aux = outputs
-        return F.cross_entropy(main, target, ignore_index=IGNORE_INDEX) + aux_weight * F.cross_entropy(
-            aux, target, ignore_index=IGNORE_INDEX
-        )
-    return F.cross_entropy(outputs, target, ignore_index=IGNORE_INDEX)
-
-
 class Trainer:
     """One training run of ``cfg`` (see the module docstring)."""
 
@@ -89,7 +108,7 @@ class Trainer:
         self.context = context or init_distributed(cfg.device)
         ctx = self.context
         if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=ctx.device.type == "cuda")
+            enable_determinism(ctx.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
         self.train_set = build_dataset(
@@ -108,6 +127,8 @@ class Trainer:
                 f"{cfg.batch_size * cfg.accum * ctx.world_size}; lower --batch-size or --accum"
             )
         self.output_dir = Path(cfg.output_dir)
+        if ctx.is_main:  # before the model is built or weights downloaded: fail in seconds, not at the first save
+            ensure_writable_directory(self.output_dir, label="--output-dir")
 
         model = build_segmentor(
             "deeplabv3", backbone=cfg.backbone, num_classes=self.train_set.num_classes,
@@ -138,9 +159,14 @@ class Trainer:
         self._first_bad: Optional[torch.Tensor] = None  # first iteration with a non-finite loss (0: none yet)
         self._bad_loss: Optional[torch.Tensor] = None
         self.tensorboard = None  # created on the first log line, on rank 0
+        # Unreadable training files replaced under --skip-bad-samples: all of them (reported, in the checkpoint)
+        # and this rank's not yet reported ones.
+        self.skipped_files: List[str] = []
+        self._skipped_unreported: List[str] = []
+        self._crash_at = crash_iteration_for_tests(ctx)
         self.sampler = SeededSampler(len(self.train_set), shuffle=True, seed=cfg.seed, drop_last=True)
         self.loader = build_dataloader(self.train_set, cfg.batch_size, train=True, workers=cfg.workers,
-                                       seed=cfg.seed, sampler=self.sampler)
+                                       seed=cfg.seed, sampler=self.sampler, skip_bad_samples=cfg.skip_bad_samples)
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
@@ -158,6 +184,7 @@ class Trainer:
             "iteration": self.iteration,
             "rng": states,
             "best_miou": self.best_miou,
+            "skipped_files": list(self.skipped_files),
             "history": {k: [list(p) for p in v] for k, v in self.history.items()},
             "config": cfg.to_dict(),
             # What inference needs, so a checkpoint alone rebuilds the predictor.
@@ -188,6 +215,7 @@ class Trainer:
         self.scaler.load_state_dict(payload["scaler"])
         self.iteration = int(payload["iteration"])
         self.best_miou = float(payload["best_miou"])
+        self.skipped_files = list(payload.get("skipped_files", []))
         self.history = {k: [tuple(p) for p in v] for k, v in payload["history"].items()}
         states = payload["rng"]
         if len(states) == self.context.world_size:
@@ -201,8 +229,12 @@ class Trainer:
         """Append ``record`` to log.jsonl (and its numbers to TensorBoard, when installed); rank 0 only."""
         if not self.context.is_main:
             return
-        with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.output_dir / "log.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise TrainingError(f"cannot append to {path}: {describe(error)}") from None
         if self.tensorboard is None:
             self.tensorboard = tensorboard_writer(self.output_dir) or False
         if self.tensorboard:
@@ -221,6 +253,7 @@ class Trainer:
         total = torch.zeros((), device=device)
         for micro in range(cfg.accum):
             batch = next(batches)
+            self._skipped_unreported += batch["skipped"]
             image = batch["image"].to(device, non_blocking=True)
             target = batch["mask"].to(device, non_blocking=True)
             if cfg.channels_last:
@@ -237,6 +270,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.context
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(self.output_dir)  # left by a save that was killed; never loaded
         resumed = self.resume(cfg.resume) if cfg.resume else False
         if ctx.is_main:
             start = f"resumed at iteration {self.iteration}" if resumed else "from scratch"
@@ -290,6 +324,25 @@ class Trainer:
                 f"(the last good checkpoint in {self.output_dir} is intact); try a lower --lr or --amp off"
             )
 
+    def _report_skipped_files(self) -> None:
+        """Log each file replaced under --skip-bad-samples once (stderr and log.jsonl, rank 0, whichever rank met
+        it), with the running count. Called by every rank at the same iterations (it gathers across them)."""
+        if not self.cfg.skip_bad_samples:
+            return
+        met = [self._skipped_unreported]
+        if self.context.world_size > 1:
+            met = [None] * self.context.world_size
+            dist.all_gather_object(met, self._skipped_unreported)
+        self._skipped_unreported = []
+        for message in (m for rank_messages in met for m in rank_messages):
+            if message in self.skipped_files:
+                continue
+            self.skipped_files.append(message)
+            if self.context.is_main:
+                tqdm.write(f"warning: skipped an unreadable training sample: {message}", file=sys.stderr)
+            self.log({"iteration": self.iteration, "skipped_file": message,
+                      "skipped_files": len(self.skipped_files)})
+
     def _iterate(self, bar: tqdm) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.context
         images_per_step = cfg.total_batch
@@ -308,6 +361,8 @@ class Trainer:
                 self.iteration += 1
                 steps_since_tick += 1
                 set_dropblock_progress(self.model, self.iteration / cfg.iters)
+                if self.iteration == self._crash_at:  # test hook: die before this iteration's checkpoint
+                    os.kill(os.getpid(), signal.SIGKILL)
 
                 done = self.iteration == cfg.iters
                 evaluate_now = self.iteration % cfg.eval_every == 0 or done
@@ -315,6 +370,7 @@ class Trainer:
                 log_now = self.iteration % cfg.log_every == 0 or done
                 if log_now or evaluate_now or save_now:
                     self._stop_if_loss_was_not_finite()
+                    self._report_skipped_files()
 
                 if log_now:
                     now = time.perf_counter()
@@ -348,7 +404,7 @@ class Trainer:
                     break
         bar.close()
         self.finish()
-        return {"iteration": self.iteration, **metrics}
+        return {"iteration": self.iteration, "skipped_files": len(self.skipped_files), **metrics}
 
     def validate(self) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.context
@@ -377,5 +433,8 @@ class Trainer:
             image = eval_transforms()(sample)["image"][None].to(self.context.device)
             prediction = self.model(image).argmax(1)[0].cpu().numpy()
         overlay(sample["image"], prediction, self.val_set.palette).save(self.output_dir / "prediction_overlay.png")
+        if self.skipped_files:
+            print(f"skipped {len(self.skipped_files)} unreadable training file(s) (--skip-bad-samples); they are "
+                  f"listed in {self.output_dir / 'log.jsonl'}", flush=True)
         print(f"best validation mIoU {100 * self.best_miou:.2f}; wrote {self.output_dir / 'best.pth'}, "
               f"{self.output_dir / 'last.pth'}, curves.png, prediction_overlay.png, log.jsonl", flush=True)

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from seg.engine.distributed import synchronise_batchnorm
-from seg.engine.trainer import segmentation_loss
+from seg.engine.loss import segmentation_loss
 from seg.models import build_segmentor
 
 
