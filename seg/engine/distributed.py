@@ -47,7 +47,14 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     if world_size > 1 and not dist.is_initialized():
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        # torchrun keeps one key-value store across the restarts of --max-restarts and does not separate the
+        # attempts: a restarted rank could read its dead peer's address from the previous attempt and hang.
+        # Each attempt therefore gets its own key prefix.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo",
+                                store=dist.PrefixStore(f"seg/attempt_{attempt}", store), rank=rank,
+                                world_size=world_size)
     return DistributedContext(rank, local_rank, world_size, chosen)
 
 
