@@ -486,8 +486,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--train-batch", type=int, default=2, help="images per training step (default 2, the issue's "
                    "per-device batch; larger batches show a GPU's throughput)")
-    p.add_argument("--only", metavar="TEXT", help="run only the cases whose title contains TEXT (e.g. 'train step',"
-                   " 'multi-scale')")
+    p.add_argument("--only", metavar="TEXT", action="append", help="run only the cases whose title contains TEXT "
+                   "(repeatable; e.g. 'train step', 'multi-scale')")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -503,10 +503,13 @@ def main(argv=None) -> int:
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    cases = [case for case in build_cases(args.quick, args.train_batch) if not args.only or args.only in case.title]
-    run_ms_flip = not args.only or args.only in "multi-scale + flip"
+    def wanted(title: str) -> bool:
+        return not args.only or any(text in title for text in args.only)
+
+    cases = [case for case in build_cases(args.quick, args.train_batch) if wanted(case.title)]
+    run_ms_flip = wanted("multi-scale + flip")
     if not cases and not run_ms_flip:
-        p.error(f"--only {args.only!r} matches no case")
+        p.error(f"--only {' / '.join(args.only)!r} matches no case")
     if args.quick:  # a smoke test of the tool: one memory format per reference is enough
         for case in cases:
             for contender in case.contenders:
