@@ -6,19 +6,96 @@ fewer per convolution. :func:`fuse_conv_bn` does this for every convolution -> b
 declares, which is how eval, predict, export and :class:`~seg.Segmenter` run a model.
 
 A module declares its pairs with a ``conv_bn_pairs`` attribute: ``(conv_name, bn_name)`` tuples where the batch
-norm directly consumes the convolution's output in ``forward``. A convolution name may also point at an
-``nn.Sequential`` that ends with a convolution (the deep stem). Inside any ``nn.Sequential``, a convolution
-immediately followed by a batch norm is a pair too. The folded batch norm is replaced by ``nn.Identity``, so the
-forward code runs unchanged.
+norm directly consumes the convolution's output in ``forward``, or ``(conv_name, bn_name, relu_name)`` when a ReLU
+module of its own follows (in eval mode; an eval-time no-op such as DropBlock may sit between). A convolution name
+may also point at an ``nn.Sequential`` that ends with a convolution (the deep stem). Inside any ``nn.Sequential``, a
+convolution immediately followed by a batch norm (and a ReLU) is a pair too. The folded batch norm and the fused
+ReLU are replaced by ``nn.Identity``, so the forward code runs unchanged. A module may also name, with
+``residual_conv``, a convolution whose output is added to a shortcut and then passed through a ReLU: it becomes a
+:class:`FusedConv2d` taking the shortcut (the module's ``forward`` asks ``conv.adds_residual``).
+
+:class:`FusedConv2d` runs the convolution, its ReLU and the residual sum as one oneDNN primitive on the CPU (one
+pass over the output instead of three); everywhere else (CUDA, autograd, autocast, tracing, ``torch.compile``,
+export) it is the same plain PyTorch operations, so the exported graph is standard.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_fusion_available() -> bool:
+    """Whether this PyTorch build has oneDNN's fused convolution operators (x86 CPU builds do)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or exporting()
+
+
+class FusedConv2d(nn.Conv2d):
+    """A convolution (its batch norm already folded in) followed by a ReLU and, with ``adds_residual``, preceded
+    by the sum with a shortcut: ``forward(x, residual)`` is ``relu(conv(x) + residual)``.
+
+    Same parameters as the convolution it replaces. On the CPU, in float32 without autograd, it is one oneDNN
+    primitive with the sum and the ReLU as post-ops; otherwise the plain operations.
+    """
+
+    def __init__(self, *args, relu: bool = True, adds_residual: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = relu
+        self.adds_residual = adds_residual
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, relu: bool = True, adds_residual: bool = False) -> "FusedConv2d":
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                    relu=relu, adds_residual=adds_residual)
+        fused.weight = conv.weight
+        fused.bias = conv.bias
+        return fused
+
+    def _onednn_applies(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and not grad and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not torch.is_autocast_enabled("cpu") and not _tracing() and _onednn_fusion_available()
+                and (residual is None or (residual.dtype == x.dtype and residual.is_contiguous(
+                    memory_format=torch.channels_last if not x.is_contiguous() else torch.contiguous_format))))
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, in_channels, H, W); residual (with ``adds_residual``): the (N, out_channels, H', W') shortcut."""
+        if self.adds_residual != (residual is not None):
+            raise ValueError("FusedConv2d takes a residual exactly when it was built with adds_residual=True")
+        if self._onednn_applies(x, residual):
+            unary = "relu" if self.relu else None
+            geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *geometry,
+                                                               unary or "none", [], "")
+            if residual.shape[1:] == (self.out_channels,) + tuple(residual.shape[2:]):
+                return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, self.weight, self.bias, *geometry,
+                                                                      "add", None, unary, [], "")
+        out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            out = out + residual
+        return F.relu(out) if self.relu else out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", relu={self.relu}, adds_residual={self.adds_residual}"
 
 
 def fold_batch_norm(conv: nn.Conv2d, bn: _BatchNorm) -> nn.Conv2d:
@@ -66,23 +143,32 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise ValueError("fuse_conv_bn folds running statistics: call model.eval() first")
     model = model if inplace else copy.deepcopy(model)
     for module in list(model.modules()):
-        pairs = list(getattr(module, "conv_bn_pairs", ()))
-        for conv_name, bn_name in pairs:
+        residual_conv = getattr(module, "residual_conv", None)
+        for conv_name, bn_name, *relu_name in list(getattr(module, "conv_bn_pairs", ())):
             conv, bn = getattr(module, conv_name), getattr(module, bn_name)
             if not isinstance(bn, _BatchNorm):
                 continue  # absent for this variant (e.g. bn2 of a split-attention block) or already folded
             if isinstance(conv, nn.Conv2d):
-                setattr(module, conv_name, fold_batch_norm(conv, bn))
+                parent, child, conv = module, conv_name, conv
             elif (found := _last_conv(conv)) is not None:
-                parent, child, last = found
-                setattr(parent, child, fold_batch_norm(last, bn))
+                parent, child, conv = found
             else:
                 continue
+            folded = fold_batch_norm(conv, bn)
             setattr(module, bn_name, nn.Identity())
+            if conv_name == residual_conv:
+                folded = FusedConv2d.from_conv(folded, relu=True, adds_residual=True)
+            elif relu_name and isinstance(getattr(module, relu_name[0]), nn.ReLU):
+                folded = FusedConv2d.from_conv(folded, relu=True)
+                setattr(module, relu_name[0], nn.Identity())
+            setattr(parent, child, folded)
         if isinstance(module, nn.Sequential):
             for index in range(len(module) - 1):
                 conv, bn = module[index], module[index + 1]
                 if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
                     module[index] = fold_batch_norm(conv, bn)
                     module[index + 1] = nn.Identity()
+                    if index + 2 < len(module) and isinstance(module[index + 2], nn.ReLU):
+                        module[index] = FusedConv2d.from_conv(module[index], relu=True)
+                        module[index + 2] = nn.Identity()
     return model.eval()  # the Identity modules are created in train mode

@@ -47,7 +47,10 @@ class Bottleneck(nn.Module):
     """
 
     expansion = 4
-    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # foldable for inference (fusion.py)
+    # Foldable for inference (fusion.py): batch norms into their convolutions, act1/act2 into theirs, and the
+    # residual sum and final ReLU into conv3.
+    conv_bn_pairs = (("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"), ("conv3", "bn3"))
+    residual_conv = "conv3"
 
     def __init__(
         self,
@@ -116,6 +119,8 @@ class Bottleneck(nn.Module):
         self.dropblock2: Optional[nn.Module] = make_drop() if radix == 0 else None
         self.dropblock3: Optional[nn.Module] = make_drop()
 
+        self.act1 = nn.ReLU(inplace=True)
+        self.act2 = nn.ReLU(inplace=True)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -126,7 +131,7 @@ class Bottleneck(nn.Module):
         out = self.bn1(self.conv1(x))
         if self.dropblock1 is not None:
             out = self.dropblock1(out)
-        out = self.relu(out)
+        out = self.act1(out)
 
         if self.avd and self.avd_first:
             out = self.avd_layer(out)
@@ -135,10 +140,12 @@ class Bottleneck(nn.Module):
             out = self.bn2(out)
             if self.dropblock2 is not None:
                 out = self.dropblock2(out)
-            out = self.relu(out)
+            out = self.act2(out)
         if self.avd and not self.avd_first:
             out = self.avd_layer(out)
 
+        if getattr(self.conv3, "adds_residual", False):  # folded for inference: conv + shortcut + ReLU at once
+            return self.conv3(out, shortcut)
         out = self.bn3(self.conv3(out))
         if self.dropblock3 is not None:
             out = self.dropblock3(out)
@@ -179,7 +186,7 @@ class ResNet(nn.Module):
         norm_layer: normalisation constructor.
     """
 
-    conv_bn_pairs = (("conv1", "bn1"),)  # the stem (its last conv when deep) and bn1 (fusion.py)
+    conv_bn_pairs = (("conv1", "bn1", "relu"),)  # the stem (its last conv when deep), bn1 and its ReLU (fusion.py)
 
     def __init__(
         self,
@@ -259,9 +266,11 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != out_channels:
             shortcut: List[nn.Module] = []
             if self.avg_down:
-                # The pool is identity (kernel 1) for stride-1 or dilated stages; kept so keys stay aligned.
+                # No pooling for stride-1 or dilated stages (the official code's kernel-1 AvgPool2d there is an
+                # identity that copies the whole map); nn.Identity keeps the Sequential's indices, so its keys.
                 pool = stride if dilation == 1 else 1
-                shortcut.append(nn.AvgPool2d(pool, pool, ceil_mode=True, count_include_pad=False))
+                shortcut.append(nn.AvgPool2d(pool, pool, ceil_mode=True, count_include_pad=False) if pool > 1
+                                else nn.Identity())
                 shortcut.append(nn.Conv2d(self.inplanes, out_channels, kernel_size=1, bias=False))
             else:
                 shortcut.append(nn.Conv2d(self.inplanes, out_channels, kernel_size=1, stride=stride, bias=False))

@@ -31,7 +31,7 @@ class SplitAttentionConv2d(nn.Module):
         dropblock_prob: DropBlock probability applied after ``bn0`` (0 disables it).
     """
 
-    conv_bn_pairs = (("conv", "bn0"), ("fc1", "bn1"))  # foldable for inference (fusion.py)
+    conv_bn_pairs = (("conv", "bn0", "act0"), ("fc1", "bn1"))  # foldable for inference (fusion.py)
 
     def __init__(
         self,
@@ -68,6 +68,7 @@ class SplitAttentionConv2d(nn.Module):
         )
         self.bn0 = norm_layer(channels * radix)
         self.dropblock: Optional[DropBlock2d] = DropBlock2d(dropblock_prob, 3) if dropblock_prob > 0 else None
+        self.act0 = nn.ReLU(inplace=True)
         self.relu = nn.ReLU(inplace=True)
         self.fc1 = nn.Conv2d(channels, inter_channels, 1, groups=cardinality)
         self.bn1 = norm_layer(inter_channels)
@@ -78,7 +79,7 @@ class SplitAttentionConv2d(nn.Module):
         x = self.bn0(self.conv(x))
         if self.dropblock is not None:
             x = self.dropblock(x)
-        x = self.relu(x)
+        x = self.act0(x)
 
         n = x.shape[0]
         r, c, k = self.radix, self.channels, self.cardinality
