@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from seg.data.download import ArgumentParser
 from seg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from seg.eval import MAX_CROP_SIZE, checkpoint_problem, int_in_range, output_problem
+from seg.cli import ArgumentParser, MAX_CROP_SIZE, checkpoint_problem, int_in_range, output_problem
 from seg.models.fusion import fuse_conv_bn
 
 TOLERANCE = 1e-3

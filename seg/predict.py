@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from seg.data.download import ArgumentParser
 from seg.data.io import DEFAULT_MAX_PIXELS, DataError
 from seg.engine.checkpoint import CheckpointError
-from seg.eval import MAX_CROP_SIZE, checkpoint_problem, crop_size_type, int_in_range, output_problem, parse_scales
+from seg.cli import (ArgumentParser, MAX_CROP_SIZE, checkpoint_problem, crop_size_type, int_in_range,
+                     output_problem, parse_scales)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from seg.data.__main__ import main as data_main
 from seg.engine.checkpoint import save_checkpoint
-from seg.eval import MAX_CROP_SIZE
+from seg.cli import MAX_CROP_SIZE
 from seg.eval import main as eval_main
 from seg.export import main as export_main
 from seg.predict import main as predict_main

@@ -1,0 +1,82 @@
+"""Argument checks shared by the inference CLIs (``seg.eval``, ``seg.predict``, ``seg.export``).
+
+Each mistake is caught before any model is built and reported as one line naming the flag, the value and what
+was expected (exit status 2, through :class:`ArgumentParser`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from seg.data.download import ArgumentParser
+
+__all__ = ["ArgumentParser", "MAX_CROP_SIZE", "checkpoint_problem", "crop_size_type", "int_in_range", "output_problem",
+           "parse_scales"]
+
+# The largest window side accepted: 4096 x 4096 windows already take gigabytes of activations per image at output
+# stride 8; training crops are 480-1024.
+MAX_CROP_SIZE = 4096
+
+
+def parse_scales(text: str) -> tuple:
+    """argparse type: ``"0.5,0.75,1.0"`` -> ``(0.5, 0.75, 1.0)``; every scale a finite positive number."""
+    try:
+        scales = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
+    if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return scales
+
+
+def int_in_range(low: int, high: Optional[int] = None):
+    """argparse type: an integer in ``low..high`` (no upper bound when ``high`` is None)."""
+    expected = f"an integer from {low} to {high}" if high is not None else f"an integer of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+crop_size_type = int_in_range(1, MAX_CROP_SIZE)
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be a checkpoint file, for what torch.load's own errors say badly; else None (a
+    missing file is left to :func:`~seg.engine.checkpoint.load_checkpoint`)."""
+    if path.is_dir():
+        return f"{path} is a folder; expected a checkpoint file such as outputs/<run>/best.pth"
+    if path.is_file() and path.stat().st_size == 0:
+        return f"{path} is empty (0 bytes); expected a checkpoint written by python -m seg.train"
+    return None
+
+
+def output_problem(path: Path, folder: bool) -> Optional[str]:
+    """Why ``path`` cannot be written as an output folder (``folder``) or file, else None; creates nothing.
+
+    Judged from the path itself and its nearest existing ancestor: an existing file where a folder is needed
+    (or the reverse), a file in the middle of the path, or an ancestor without write permission.
+    """
+    if folder and path.exists() and not path.is_dir():
+        return f"{path} is a file; expected a folder (existing or new)"
+    if not folder and path.is_dir():
+        return f"{path} is a folder; expected a file name"
+    ancestor = path if folder and path.is_dir() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{path} cannot be created: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{path} cannot be created: {ancestor} is not writable"
+    return None
