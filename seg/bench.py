@@ -115,20 +115,21 @@ def train_step_of(outputs_style: str):
     return step
 
 
-def official_deeplabv3(depth: int, num_classes: int = 150) -> nn.Module:
+def official_deeplabv3(depth: int, num_classes: int = 150, aux: bool = True) -> nn.Module:
     """PyTorch-Encoding's DeepLabV3 from public parts: the official dilated ResNeSt under torchvision's heads.
 
     torchvision's ``DeepLabHead`` (ASPP 12/24/36, 3x3 conv, 1x1 classifier) and ``FCNHead`` on layer3 are the
-    same layers as Encoding's DeepLabV3 head and auxiliary head.
+    same layers as Encoding's DeepLabV3 head and auxiliary head. Without ``aux`` (for inference: torchvision runs
+    an auxiliary head even in eval mode, Encoding does not) only the main head is built.
     """
     import resnest.torch as official
     from torchvision.models._utils import IntermediateLayerGetter
     from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
     from torchvision.models.segmentation.fcn import FCNHead
 
-    body = IntermediateLayerGetter(getattr(official, f"resnest{depth}")(dilated=True),
-                                   return_layers={"layer3": "aux", "layer4": "out"})
-    return DeepLabV3(body, DeepLabHead(2048, num_classes), FCNHead(1024, num_classes))
+    layers = {"layer3": "aux", "layer4": "out"} if aux else {"layer4": "out"}
+    body = IntermediateLayerGetter(getattr(official, f"resnest{depth}")(dilated=True), return_layers=layers)
+    return DeepLabV3(body, DeepLabHead(2048, num_classes), FCNHead(1024, num_classes) if aux else None)
 
 
 def smp_deeplabv3(timm_name: str, num_classes: int = 150) -> nn.Module:
@@ -196,7 +197,7 @@ def build_cases(quick: bool, train_batch: int = 2) -> List[Case]:
             lambda d=depth: build_segmentor("deeplabv3", backbone=f"resnest{d}", num_classes=150)), infer))
         if official is not None:
             case.contenders.append(Contender(f"official resnest{depth} + torchvision heads",
-                                             lambda d=depth: official_deeplabv3(d), torchvision_logits))
+                                             lambda d=depth: official_deeplabv3(d, aux=False), torchvision_logits))
         if smp:
             case.contenders.append(Contender(f"smp DeepLabV3 {timm_name}", lambda t=timm_name: smp_deeplabv3(t),
                                              infer))
