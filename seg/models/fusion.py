@@ -41,8 +41,11 @@ def _onednn_fusion_available() -> bool:
 
 
 def _tracing() -> bool:
+    """True while the graph is being traced, compiled or exported, or a dispatch mode (e.g. FlopCounterMode) is
+    watching the operators: they must then see the standard convolution, not oneDNN's fused one."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or exporting()
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or exporting()
+            or torch._C._len_torch_dispatch_stack() > 0)
 
 
 class FusedConv2d(nn.Conv2d):

@@ -76,3 +76,32 @@ def test_fused_network_runs_in_train_mode_calls_without_batch_norm_state():
     fused = fuse_conv_bn(build_segmentor("deeplabv3", backbone="resnest14", num_classes=3).eval())
     with torch.no_grad():
         assert fused(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_fused_convolutions_run_as_one_onednn_operator_on_cpu_and_count_their_flops(randomize_batchnorm):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seg.models.fusion import FusedConv2d
+
+    model = randomize_batchnorm(build_backbone("resnest14", num_classes=10))
+    fused = fuse_conv_bn(model)
+    kinds = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
+    assert sum(m.adds_residual for m in kinds) == 4 and len(kinds) > 8  # every block's conv3, and the ReLU convs
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    fused = fused.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.profiler.profile() as profile:
+            out = fused(x)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            counted = fused(x)
+        plain = FlopCounterMode(display=False)
+        with plain:
+            model(x)
+    names = {event.key for event in profile.key_averages()}
+    if torch.backends.mkldnn.is_available():
+        assert "mkldnn::_convolution_pointwise" in names
+    assert (out - reference).abs().max() <= 1e-4 and (counted - reference).abs().max() <= 1e-4
+    # A FLOP counter (a dispatch mode) sees the standard convolutions: the fused model costs what the plain one does.
+    assert counter.get_total_flops() == plain.get_total_flops()
