@@ -22,35 +22,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from seg.bench import matmul_peak_flops, median_seconds
 from seg.engine.inference import MS_SCALES, InferenceConfig, predict_probabilities
 from seg.engine.loss import segmentation_loss
 from seg.models import build_segmentor
 from seg.models.fusion import fuse_conv_bn
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(run, device: torch.device, repeats: int = 10) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    run()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def flops_of(run) -> float:
@@ -157,9 +139,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     peak = None
     if cuda:
-        square = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        peak = 2 * 8192**3 / min(timed(lambda: square @ square, device, 10) for _ in range(3))
-        del square
+        peak = matmul_peak_flops(device)
         print(f"{torch.cuda.get_device_name(device)}: bf16 matmul {peak / 1e12:.0f} TFLOP/s measured", flush=True)
     batch = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(
         memory_format=torch.channels_last)
@@ -173,11 +153,11 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         infer_flops = flops_of(lambda: fused(batch))
-        fp32_s = timed(lambda: fused(batch), device)
+        fp32_s = median_seconds(lambda: fused(batch), 10, device)
         report(f"inference fp32 batch {args.batch} at {args.size}", fp32_s, infer_flops)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            report(f"inference bf16 batch {args.batch} at {args.size}", timed(lambda: fused(batch), device),
-                   infer_flops, fp32_s)
+            report(f"inference bf16 batch {args.batch} at {args.size}",
+                   median_seconds(lambda: fused(batch), 10, device), infer_flops, fp32_s)
 
     start = build_segmentor("deeplabv3", backbone=args.backbone, num_classes=150).to(device)
     start = start.to(memory_format=torch.channels_last).train()
@@ -198,7 +178,7 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         step()  # warm-up (and compilation) outside the FLOP count
         train_flops = flops_of(step)
-        seconds = timed(step, device, 5)
+        seconds = median_seconds(step, 5, device)
         report(f"train step {name} batch {args.batch} at {args.size}", seconds, train_flops, base)
         return seconds
 
@@ -211,7 +191,8 @@ def main(argv=None) -> int:
                              amp_dtype=torch.bfloat16)
     ade_image = torch.randn(1, 3, height, width, device=device)
     print(f"multi-scale + flip {height}x{width} bf16: "
-          f"{timed(lambda: predict_probabilities(fused, ade_image, config), device, 5):.3f} s per image", flush=True)
+          f"{median_seconds(lambda: predict_probabilities(fused, ade_image, config), 5, device):.3f} s per image",
+          flush=True)
 
     # 4. torch.compile, last: compilation takes the longest. Each part is skipped once --deadline has passed.
     compiled = torch.compile(fused, dynamic=False)
@@ -225,8 +206,8 @@ def main(argv=None) -> int:
 
     def compiled_inference_speed():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            report(f"inference bf16 compiled batch {args.batch} at {args.size}", timed(lambda: compiled(batch), device),
-                   infer_flops, fp32_s)
+            report(f"inference bf16 compiled batch {args.batch} at {args.size}",
+                   median_seconds(lambda: compiled(batch), 10, device), infer_flops, fp32_s)
 
     def compiled_training_parity():
         difference = training_parity(model, device, parity_size)
@@ -235,7 +216,8 @@ def main(argv=None) -> int:
         if difference > 1e-3:
             failures.append(f"compiled training differs by {difference:.2e}")
 
-    parts = (("inference parity", compiled_inference_parity, False), ("inference speed", compiled_inference_speed, True),
+    parts = (("inference parity", compiled_inference_parity, False),
+             ("inference speed", compiled_inference_speed, True),
              ("training parity", compiled_training_parity, False),
              ("training speed", lambda: train_row("bf16 compiled", amp=True, compile_=True, base=fp32_train), True))
     for name, run, tf32 in parts:

@@ -185,8 +185,8 @@ class Segmenter:
     @torch.inference_mode()
     def _tiled_slide(self, rgb: np.ndarray) -> Iterator[Tuple[slice, slice, torch.Tensor]]:
         """(rows, columns, probabilities there) tile by tile, together one slide pass over the whole image."""
-        stride = max(1, (2 * self.crop_size) // 3)  # the slide default, made explicit for the tile plan
-        config = InferenceConfig(mode="slide", crop_size=self.crop_size, stride=stride)
+        config = InferenceConfig(mode="slide", crop_size=self.crop_size)
+        stride = config.window_stride  # the tile plan puts tiles on the same window grid as one slide pass
         height, width = rgb.shape[:2]
         for y0, y1, out_y0, out_y1 in tile_spans(height, self.crop_size, stride):
             for x0, x1, out_x0, out_x1 in tile_spans(width, self.crop_size, stride):

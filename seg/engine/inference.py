@@ -64,6 +64,11 @@ class InferenceConfig:
         if not self.scales or any(not (s > 0 and math.isfinite(s)) for s in self.scales):
             raise ValueError(f"--scales must be positive numbers, got {list(self.scales)}")
 
+    @property
+    def window_stride(self) -> int:
+        """The step between slide windows: ``stride``, or 2/3 of the crop by default."""
+        return self.stride or max(1, (2 * self.crop_size) // 3)
+
 
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the class axis of (N, C, H, W) logits, in float32 and in the logits' own memory format.
@@ -95,7 +100,7 @@ def slide_probabilities(model: nn.Module, image: torch.Tensor, config: Inference
     """(N, 3, H, W) -> (N, C, H, W) probabilities from overlapping ``crop x crop`` windows."""
     n, _, height, width = image.shape
     crop = config.crop_size
-    stride = config.stride or max(1, (2 * crop) // 3)
+    stride = config.window_stride
     # Smaller than a window: pad bottom/right (zeros, i.e. the mean colour after normalisation), crop back later.
     padded = F.pad(image, (0, max(crop - width, 0), 0, max(crop - height, 0)))
     full_h, full_w = padded.shape[2], padded.shape[3]
