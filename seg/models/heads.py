@@ -42,8 +42,13 @@ class ASPPPooling(nn.Module):
         """x: (N, C, H, W) -> (N, out_channels, H, W)."""
         pooled = self.gap[1](x.mean((2, 3), keepdim=True))
         pooled = self.gap[3](pooled_batch_norm(self.gap[2], pooled))
-        # Bilinear upsampling of a 1x1 map is a broadcast; expand is exact and allocates nothing.
-        return pooled.expand(-1, -1, x.shape[2], x.shape[3])
+        # Bilinear upsampling of a 1x1 map is a broadcast, so expand is exact.
+        broadcast = pooled.expand(-1, -1, x.shape[2], x.shape[3])
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # A stride-0 tensor makes torch.cat choose NCHW, and the projection then copies the whole
+            # concatenation back to channels_last: one small channels_last copy here is far cheaper.
+            return broadcast.contiguous(memory_format=torch.channels_last)
+        return broadcast
 
 
 class ASPP(nn.Module):

@@ -99,6 +99,11 @@ class SplitAttentionConv2d(nn.Module):
         # A product-and-sum over the radix axis was 3x slower contiguous and 7x slower in channels_last.
         splits = x.view(n, r, c, x.shape[2], x.shape[3]).unbind(1)
         out = splits[0] * attention[:, 0]
+        if n == 1:
+            # The product's stride along a batch of one is arbitrary (the iterator put it between the channels and
+            # the pixels); PyTorch's memory-format heuristic then reads channels_last as NCHW, and the avd pool and
+            # the next convolution run their slow NCHW paths after a full copy. Same memory, canonical strides.
+            out = out.as_strided(out.shape, (out.numel(),) + out.stride()[1:])
         for split in range(1, r):
             out = out.addcmul_(splits[split], attention[:, split])
         return out

@@ -105,3 +105,35 @@ def test_fused_convolutions_run_as_one_onednn_operator_on_cpu_and_count_their_fl
     assert (out - reference).abs().max() <= 1e-4 and (counted - reference).abs().max() <= 1e-4
     # A FLOP counter (a dispatch mode) sees the standard convolutions: the fused model costs what the plain one does.
     assert counter.get_total_flops() == plain.get_total_flops()
+
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_channels_last_inference_feeds_every_layer_channels_last(batch, fused):
+    """Every convolution and pool gets a channels_last map with canonical strides. Two places broke this: with
+    a batch of one the split-attention product's batch stride is arbitrary, so PyTorch's layout heuristic took
+    it for NCHW and the avd pool and next convolution ran their NCHW paths after a copy; and the ASPP
+    concatenation with the broadcast image-pooling branch came out NCHW and was copied back."""
+    model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=5).eval()
+    if fused:
+        model = fuse_conv_bn(model)
+    model = model.to(memory_format=torch.channels_last)
+    layouts = {}
+
+    def record(name):
+        def hook(module, inputs):
+            x = inputs[0]
+            if x.dim() == 4 and x.shape[2] * x.shape[3] > 1:  # a 1x1 map has no layout to keep
+                layouts[name] = x.stride() == torch.empty(x.shape, memory_format=torch.channels_last).stride()
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d)):
+            module.register_forward_pre_hook(record(name))
+    x = torch.randn(batch, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model(x)
+    assert len(layouts) > 30 and "backbone.layer3.0.avd_layer" in layouts and "head.aspp.project.0" in layouts
+    assert [name for name, kept in layouts.items() if not kept] == []
+    assert out.is_contiguous(memory_format=torch.channels_last)
