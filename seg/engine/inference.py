@@ -4,9 +4,11 @@
 - ``slide``: ``crop x crop`` windows every ``stride`` pixels (default 2/3 crop), the last window flush with the
   border (mmsegmentation's rule, so no window is padded unless the image is smaller than a crop), windows run in
   batches, overlapping probabilities averaged.
+- flip: every pass (the whole image, or each slide window) batched with its mirror image, whose probabilities,
+  flipped back, are averaged with the pass's own (Encoding's MultiEvalModule flips per window too).
 - multi-scale + flip: the image resized so its long side is ``base_size x scale`` for each scale (the image's own
-  long side when ``base_size`` is None), each view also flipped (batched with the original), softmax
-  probabilities resized back to the original resolution and averaged, argmax at the end.
+  long side when ``base_size`` is None), each scale's probabilities resized back to the original resolution and
+  averaged, argmax at the end.
 
 Probabilities (softmax in float32) rather than Encoding's ``exp(logits)`` sums are averaged, so no logit size
 overflows. With one scale 1.0, no base size and no flip, the result is ``whole`` exactly.
@@ -21,6 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from seg.models.segmentors import Segmentor, upsample_logits
 
 # The datasets' multi-scale evaluation scales (REFERENCE section 2).
 MS_SCALES = {
@@ -41,7 +45,7 @@ class InferenceConfig:
         scales: resize factors (of ``base_size``, or of the image's long side when it is None).
         flip: add the horizontally flipped view.
         base_size: reference long side for the scales.
-        window_batch: images per forward pass in ``slide`` (windows x views).
+        window_batch: images per forward pass in ``slide`` (windows x views, a mirror image counting as one).
         amp_dtype: autocast dtype (bf16/fp16) or None.
     """
 
@@ -65,6 +69,11 @@ class InferenceConfig:
             raise ValueError(f"--scales must be positive numbers, got {list(self.scales)}")
 
     @property
+    def views(self) -> int:
+        """Views averaged per window: the window itself and, with ``flip``, its mirror image."""
+        return 2 if self.flip else 1
+
+    @property
     def window_stride(self) -> int:
         """The step between slide windows: ``stride``, or 2/3 of the crop by default."""
         return self.stride or max(1, (2 * self.crop_size) // 3)
@@ -82,10 +91,41 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=1)
 
 
-def _forward(model: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _probabilities(model: nn.Module, images: torch.Tensor, amp_dtype: Optional[torch.dtype],
+                   mirrored: int = 0) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, C, H, W) float32 probabilities. The last ``mirrored`` images are horizontally flipped
+    views: their probabilities come back flipped again, aligned with the unflipped images.
+
+    A :class:`Segmentor` gives its logits before upsampling, and those are flipped: the bilinear upsampling
+    commutes with the flip, so the result is the same with 1/64 of the pixels moved. Any other model's
+    probabilities are flipped at full size.
+    """
+    low_res = mirrored > 0 and isinstance(model, Segmentor)
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(images)
-    return class_probabilities(logits)
+        if low_res:
+            logits = model.low_res_logits(images)
+            logits[-mirrored:] = logits[-mirrored:].flip(-1)
+            logits = upsample_logits(logits, (images.shape[2], images.shape[3]))
+        else:
+            logits = model(images)
+    probabilities = class_probabilities(logits)
+    if mirrored > 0 and not low_res:
+        probabilities[-mirrored:] = probabilities[-mirrored:].flip(-1)
+    return probabilities
+
+
+def _view_sum(model: nn.Module, images: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, C, H, W): the images' probabilities plus, with ``config.flip``, those of their mirror
+    images flipped back (batched in the same pass). Divide by ``config.views`` for the mean."""
+    if not config.flip:
+        return _probabilities(model, images, config.amp_dtype)
+    n = images.shape[0]
+    both = _probabilities(model, torch.cat([images, images.flip(-1)]), config.amp_dtype, mirrored=n)
+    return both[:n].add_(both[n:])
+
+
+def _mean_of_views(summed: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
+    return summed.mul_(1.0 / config.views) if config.views > 1 else summed
 
 
 def window_starts(length: int, crop: int, stride: int) -> List[int]:
@@ -97,7 +137,11 @@ def window_starts(length: int, crop: int, stride: int) -> List[int]:
 
 
 def slide_probabilities(model: nn.Module, image: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, C, H, W) probabilities from overlapping ``crop x crop`` windows."""
+    """(N, 3, H, W) -> (N, C, H, W) probabilities from overlapping ``crop x crop`` windows.
+
+    With ``config.flip`` every window's mirror image is batched with it and its probabilities, flipped back,
+    are a second view of that window (Encoding's flip: per window, on the image's own window grid).
+    """
     n, _, height, width = image.shape
     crop = config.crop_size
     stride = config.window_stride
@@ -106,15 +150,15 @@ def slide_probabilities(model: nn.Module, image: torch.Tensor, config: Inference
     full_h, full_w = padded.shape[2], padded.shape[3]
     boxes = [(y, x) for y in window_starts(full_h, crop, stride) for x in window_starts(full_w, crop, stride)]
     if len(boxes) == 1:  # one window covers the image: nothing to accumulate
-        return _forward(model, padded, config.amp_dtype)[:, :, :height, :width]
+        return _mean_of_views(_view_sum(model, padded, config), config)[:, :, :height, :width]
     total = None
     counts = torch.zeros((1, 1, full_h, full_w), device=image.device)
-    # window_batch counts images per forward pass: n views (e.g. an image and its flip) share each chunk.
-    per_pass = max(1, config.window_batch // n)
+    # window_batch counts images per forward pass: the n images and their mirror images share each chunk.
+    per_pass = max(1, config.window_batch // (n * config.views))
     for first in range(0, len(boxes), per_pass):
         chunk = boxes[first : first + per_pass]
         windows = torch.cat([padded[:, :, y : y + crop, x : x + crop] for y, x in chunk])
-        probabilities = _forward(model, windows, config.amp_dtype)
+        probabilities = _view_sum(model, windows, config)
         if total is None:
             # Zeros made directly in the model's output memory format: the window additions below are then plain
             # contiguous passes, and no NCHW buffer is filled and converted first.
@@ -125,7 +169,7 @@ def slide_probabilities(model: nn.Module, image: torch.Tensor, config: Inference
             # (a second full pass over the window).
             total[:, :, y : y + crop, x : x + crop].add_(probabilities[index * n : (index + 1) * n])
             counts[:, :, y : y + crop, x : x + crop].add_(1)
-    return total.div_(counts)[:, :, :height, :width]
+    return total.div_(counts.mul_(config.views))[:, :, :height, :width]
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
@@ -134,16 +178,10 @@ def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
 
 
 def single_scale_probabilities(model: nn.Module, image: torch.Tensor, config: InferenceConfig) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, C, H, W) probabilities, whole or slide, with the flipped view batched in."""
-    views = torch.cat([image, image.flip(-1)]) if config.flip else image
+    """(N, 3, H, W) -> (N, C, H, W) probabilities, whole or slide, with the mirror images batched in."""
     if config.mode == "slide":
-        probabilities = slide_probabilities(model, views, config)
-    else:
-        probabilities = _forward(model, views, config.amp_dtype)
-    if config.flip:
-        n = image.shape[0]
-        probabilities = probabilities[:n].add_(probabilities[n:].flip(-1)).mul_(0.5)
-    return probabilities
+        return slide_probabilities(model, image, config)
+    return _mean_of_views(_view_sum(model, image, config), config)
 
 
 def scaled_size(height: int, width: int, scale: float, base_size: Optional[int] = None) -> Tuple[int, int]:

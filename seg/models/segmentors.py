@@ -35,11 +35,23 @@ class Segmentor(nn.Module):
     def forward(self, x: torch.Tensor) -> SegmentorOutput:
         size = (x.shape[2], x.shape[3])
         _, _, c3, c4 = self.backbone.forward_features(x)
-        out = F.interpolate(self.head(c4), size=size, mode="bilinear", align_corners=True)
+        out = upsample_logits(self.head(c4), size)
         if self.training and self.aux_head is not None:
-            aux = F.interpolate(self.aux_head(c3), size=size, mode="bilinear", align_corners=True)
-            return out, aux
+            return out, upsample_logits(self.aux_head(c3), size)
         return out
+
+    def low_res_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The main head's logits before upsampling: (N, 3, H, W) -> (N, num_classes, h, w) at the output stride.
+
+        ``upsample_logits(low_res_logits(x), x.shape[2:])`` is ``forward(x)`` in eval mode. Inference uses it to
+        flip a mirrored view's logits back at 1/64 of the pixels (the upsampling commutes with the flip).
+        """
+        return self.head(self.backbone.forward_features(x)[3])
+
+
+def upsample_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, *size): bilinear with align_corners=True, as in the paper's code."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
 
 def _assemble(

@@ -75,6 +75,65 @@ def test_ms_flip_slide_on_a_real_model_keeps_the_size():
     assert out.shape == (1, 3, 45, 61) and torch.isfinite(out).all()
 
 
+def naive_ms_flip(model, image, scales, crop, stride, base_size):
+    """Multi-scale + flip written out plainly, the unoptimised definition: for every scale, every window and its
+    mirror image run one at a time through the full model, the mirror's probabilities are flipped back at full
+    size, each window's views averaged with its neighbours', resized back, averaged over scales."""
+    import torch.nn.functional as F
+
+    from seg.engine.inference import scaled_size
+
+    height, width = image.shape[2:]
+    result = 0
+    for scale in scales:
+        size = scaled_size(height, width, scale, base_size)
+        view = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+        padded = F.pad(view, (0, max(crop - size[1], 0), 0, max(crop - size[0], 0)))
+        total = torch.zeros(1, model.num_classes, *padded.shape[2:])
+        counts = torch.zeros(1, 1, *padded.shape[2:])
+        for y in window_starts(padded.shape[2], crop, stride):
+            for x in window_starts(padded.shape[3], crop, stride):
+                window = padded[:, :, y : y + crop, x : x + crop]
+                plain = model(window).softmax(1)
+                mirrored = model(window.flip(-1)).softmax(1).flip(-1)
+                total[:, :, y : y + crop, x : x + crop] += plain + mirrored
+                counts[:, :, y : y + crop, x : x + crop] += 2
+        per_scale = (total / counts)[:, :, : size[0], : size[1]]
+        result = result + F.interpolate(per_scale, size=(height, width), mode="bilinear", align_corners=True)
+    return result / len(scales)
+
+
+def test_ms_flip_equals_the_plain_definition_window_by_window():
+    """The batched windows, the mirror's logits flipped before upsampling (for a Segmentor) or its probabilities
+    after (for any other module), the folded divisions: the same numbers as the plain loop, within 1e-5."""
+    torch.manual_seed(0)
+    model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=6).eval()
+    with torch.no_grad():
+        model.head.block[-1].weight.mul_(30)  # confident, varied probabilities: differences in the windowing show
+    image = torch.randn(1, 3, 45, 61)
+    config = InferenceConfig(mode="slide", crop_size=32, stride=20, scales=(0.5, 1.0, 1.5), flip=True,
+                             base_size=64, window_batch=4)
+    with torch.no_grad():
+        expected = naive_ms_flip(model, image, config.scales, 32, 20, 64)
+        fast = predict_probabilities(model, image, config)
+        wrapped = predict_probabilities(nn.Sequential(model), image, config)  # not a Segmentor: full-size flip
+        channels_last = predict_probabilities(model.to(memory_format=torch.channels_last),
+                                              image.contiguous(memory_format=torch.channels_last), config)
+    torch.testing.assert_close(fast, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(wrapped, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(channels_last, expected, rtol=0, atol=1e-5)
+
+
+def test_whole_image_flip_averages_the_mirror_pass():
+    torch.manual_seed(0)
+    model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=4).eval()
+    image = torch.randn(2, 3, 33, 47)
+    with torch.no_grad():
+        expected = (model(image).softmax(1) + model(image.flip(-1)).softmax(1).flip(-1)) / 2
+        got = predict_probabilities(model, image, InferenceConfig(flip=True))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,message", [({"mode": "tiles"}, "--mode"), ({"scales": (0.5, -1.0)}, "--scales"),
                                             ({"crop_size": 0}, "--crop-size"), ({"stride": 600}, "--stride")])
 def test_bad_settings_name_the_flag(kwargs, message):
