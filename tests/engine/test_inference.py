@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from seg.engine.inference import InferenceConfig, predict_probabilities, window_starts
+from seg.engine.inference import InferenceConfig, class_probabilities, predict_probabilities, window_starts
 from seg.models import build_segmentor
 
 
@@ -139,3 +139,19 @@ def test_whole_image_flip_averages_the_mirror_pass():
 def test_bad_settings_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
         InferenceConfig(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_probabilities_in_place_equal_the_plain_softmax(dtype):
+    """The channels_last softmax written over the logits equals the out-of-place one bit for bit, and the plain
+    softmax over classes to rounding; the caller's logits are left alone unless it hands them over."""
+    logits = (torch.randn(2, 7, 5, 6) * 10).to(dtype)
+    expected = logits.float().softmax(dim=1)
+    channels_last = logits.contiguous(memory_format=torch.channels_last)
+    kept = channels_last.clone()
+    out_of_place = class_probabilities(channels_last)
+    assert torch.equal(channels_last, kept)  # not handed over: untouched
+    torch.testing.assert_close(out_of_place, expected, rtol=0, atol=1e-6)
+    in_place = class_probabilities(channels_last, overwrite=True)
+    assert torch.equal(in_place, out_of_place) and in_place.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(class_probabilities(logits), expected)  # NCHW
