@@ -5,13 +5,15 @@ with ``--proba`` ``<name>_proba.npy`` (C x H x W float32). An unreadable input, 
 (checked from its header, before decoding), is reported by name and skipped; the exit status is then 1, with a
 summary at the end. Images above 2048 x 2048 pixels are predicted by sliding ``--crop-size`` windows, tile by tile
 (see ``seg.predictor``). Usage mistakes (a flag's value, the checkpoint, an unwritable --out, no input image at
-all) are one line on stderr, exit status 2.
+all, two inputs with the same name, whose masks would overwrite each other) are one line on stderr, exit
+status 2.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -35,6 +37,16 @@ def collect_inputs(paths) -> tuple:
         else:
             missing.append(path)
     return images, missing
+
+
+def first_name_clash(images) -> Optional[Tuple[Path, Path]]:
+    """Two inputs whose outputs would overwrite each other (same file stem, e.g. ``a/x.png`` and ``b/x.jpg``)."""
+    seen: Dict[str, Path] = {}
+    for path in images:
+        if path.stem in seen and seen[path.stem].resolve() != path.resolve():
+            return seen[path.stem], path
+        seen.setdefault(path.stem, path)
+    return None
 
 
 def parser() -> ArgumentParser:
@@ -68,6 +80,10 @@ def main(argv=None) -> int:
     if not images:
         p.error("no image file (" + ", ".join(IMAGE_SUFFIXES) + ") in " + ", ".join(map(str, args.inputs))
                 + (f" ({', '.join(map(str, missing))}: no such file or folder)" if missing else ""))
+    clash = first_name_clash(images)
+    if clash:
+        p.error(f"--out: {clash[0]} and {clash[1]} would both write {clash[0].stem}.png into {args.out}; "
+                "predict them in separate runs or rename one")
     from seg.predictor import Segmenter
 
     try:

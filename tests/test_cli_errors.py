@@ -64,6 +64,9 @@ def files(tmp_path_factory) -> Dict[str, Path]:
     (made["no_images"] / "notes.txt").write_text("not an image")
     made["image"] = root / "image.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(made["image"])
+    (root / "twin").mkdir()
+    made["twin_image"] = root / "twin" / "image.jpg"  # same stem as image.png: its mask would overwrite
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(made["twin_image"])
     made["a_file"] = root / "a_file"
     made["a_file"].write_text("I am a file")
     made["missing"] = root / "missing"
@@ -157,6 +160,8 @@ CASES = CHECKPOINT_CASES + [
                                                      value], id=f"{cli}-scales-{value}")
       for cli, argv in (("eval", EVAL), ("predict", PREDICT)) for value in ("0.5,-1", "abc", "0", "1,nan", "inf",
                                                                             "")],
+    pytest.param("predict", ["{twin_image}", *PREDICT], ["{image}", "{twin_image}", "would both write image.png"],
+                 id="predict-two-inputs-one-output-name"),
     pytest.param("predict", [*PREDICT, "--max-pixels", "-1"], ["--max-pixels", "at least 0"],
                  id="predict-max-pixels-negative"),
     # Outputs that cannot be written (we may run as root, so they are made unwritable by a file in the way).
