@@ -43,9 +43,9 @@ def first_name_clash(images) -> Optional[Tuple[Path, Path]]:
     """Two inputs whose outputs would overwrite each other (same file stem, e.g. ``a/x.png`` and ``b/x.jpg``)."""
     seen: Dict[str, Path] = {}
     for path in images:
-        if path.stem in seen and seen[path.stem].resolve() != path.resolve():
-            return seen[path.stem], path
-        seen.setdefault(path.stem, path)
+        earlier = seen.setdefault(path.stem, path)
+        if earlier is not path and earlier.resolve() != path.resolve():  # the same file twice is no clash
+            return earlier, path
     return None
 
 

@@ -3,6 +3,8 @@ packages themselves (PyPI ``resnest`` 0.0.5, ``timm``, ``torchvision``)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -169,6 +171,19 @@ def test_train_mode_batch_of_one_and_gradients_reach_every_parameter():
     logits.logsumexp(1).sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+def test_batch_of_one_trains_the_same_in_channels_last():
+    """A batch of one restrides the split-attention product (see SplitAttentionConv2d.forward): the loss and every
+    gradient through that view and its in-place multiply-adds match the contiguous network's."""
+    torch.manual_seed(0)
+    model = build_backbone("resnest14", output_stride=8).train()
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 48, 48)
+    model(x).logsumexp(1).sum().backward()
+    nhwc(x.contiguous(memory_format=torch.channels_last)).logsumexp(1).sum().backward()
+    for (name, plain), (_, channels_last) in zip(model.named_parameters(), nhwc.named_parameters(), strict=True):
+        torch.testing.assert_close(channels_last.grad, plain.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_eval_output_is_deterministic_and_dropout_free():
