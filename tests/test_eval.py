@@ -145,3 +145,30 @@ def test_a_split_without_labels_is_predicted_and_saved(shared, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     saved = list((tmp_path / "pred").glob("*.png"))
     assert len(saved) == 1 and np.asarray(Image.open(saved[0])).shape == (128, 256)
+
+
+def test_an_unreadable_validation_image_is_one_line_naming_it_whatever_the_workers(tmp_path):
+    """A truncated val image read in a DataLoader worker: the user sees the file and why, not a worker traceback."""
+    root = tmp_path / "folder"
+    for kind in ("images", "masks"):
+        (root / kind / "val").mkdir(parents=True)
+    (root / "classes.txt").write_text("a\nb\nc\nd\n")
+    rng = np.random.default_rng(0)
+    for name in ("x", "y"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "images" / "val" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 4, (40, 48), dtype=np.uint8)).save(root / "masks" / "val" / f"{name}.png")
+    bad = root / "images" / "val" / "y.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=4)
+    checkpoint = save_checkpoint(
+        {"model": model.state_dict(), "classes": ["a", "b", "c", "d"], "palette": [[0, 0, 0]] * 4,
+         "config": {"dataset": "folder"},
+         "model_config": {"segmentor": "deeplabv3", "backbone": "resnest14", "num_classes": 4}},
+        tmp_path / "four.pth")
+    for workers in ("0", "1"):
+        result = run_eval("--checkpoint", str(checkpoint), "--dataset", "folder", "--data-root", str(root),
+                          "--workers", workers, "--device", "cpu", timeout=300)
+        assert result.returncode == 2, (workers, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "worker" not in result.stderr, (workers, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"error: {bad}: ") and "truncated" in lines[-1], (workers, lines[-1])

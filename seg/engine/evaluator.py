@@ -7,11 +7,11 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from seg.data.base import SegmentationDataset
-from seg.data.loader import distributed_context
+from seg.data.loader import GuardedDataLoader, GuardedDataset, distributed_context
 
 from .inference import InferenceConfig, predict_probabilities
 from .metrics import ConfusionMatrix
@@ -54,14 +54,19 @@ def evaluate(
 
     Returns:
         The metrics of :func:`seg.engine.metrics.metrics_from_confusion`.
+
+    Raises:
+        DataError: an image or mask cannot be read (the message names the file), with any number of workers.
     """
     inference = inference or InferenceConfig()
     was_training = model.training
     model.eval()
     sampler = ShardSampler(len(dataset))
-    # One image at a time (sizes differ); unbatched, so splits without labels (mask None) pass through.
-    loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    # One image at a time (sizes differ); unbatched, so splits without labels (mask None) pass through. Guarded:
+    # an unreadable image raises its one-line DataError here, not a worker's traceback. It is never skipped: a
+    # metric over fewer images than the split is not the benchmark's number.
+    loader = GuardedDataLoader(GuardedDataset(dataset), batch_size=None, sampler=sampler, num_workers=workers,
+                               pin_memory=device.type == "cuda")
     confusion = ConfusionMatrix(dataset.num_classes, device=device)
     batches = tqdm(loader, desc="evaluate", unit="img", disable=not progress, leave=False)
     for index, sample in zip(sampler, batches, strict=True):
