@@ -42,7 +42,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .determinism import enable_determinism
-from .distributed import DistributedContext, init_distributed, synchronise_batchnorm
+from .distributed import DistributedContext, StopVote, init_distributed, synchronise_batchnorm
 from .evaluator import evaluate
 from .inference import InferenceConfig
 from .loss import segmentation_loss
@@ -155,7 +155,8 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -1.0
         self.history: Dict[str, List[Tuple[float, float]]] = {"loss": [], "lr": [], "val mIoU": []}
-        self.stop_signal: Optional[int] = None
+        self.stop_signal: Optional[int] = None  # set by the handler of this process's SIGTERM/SIGINT
+        self._stop_vote = StopVote(ctx.world_size)
         self._first_bad: Optional[torch.Tensor] = None  # first iteration with a non-finite loss (0: none yet)
         self._bad_loss: Optional[torch.Tensor] = None
         self.tensorboard = None  # created on the first log line, on rank 0
@@ -364,9 +365,11 @@ class Trainer:
                 if self.iteration == self._crash_at:  # test hook: die before this iteration's checkpoint
                     os.kill(os.getpid(), signal.SIGKILL)
 
+                # The signal as every rank sees it: one that arrives after this vote is acted on at the next one.
+                stopping = self._stop_vote.agree(self.stop_signal)
                 done = self.iteration == cfg.iters
                 evaluate_now = self.iteration % cfg.eval_every == 0 or done
-                save_now = self.iteration % cfg.checkpoint_every == 0 or done or self.stop_signal is not None
+                save_now = self.iteration % cfg.checkpoint_every == 0 or done or stopping is not None
                 log_now = self.iteration % cfg.log_every == 0 or done
                 if log_now or evaluate_now or save_now:
                     self._stop_if_loss_was_not_finite()
@@ -394,12 +397,13 @@ class Trainer:
                     paused = True
                 if paused:  # throughput counts training steps only
                     tick, steps_since_tick = time.perf_counter(), 0
-                if self.stop_signal is not None:
+                if stopping is not None:
+                    self._stop_vote.wait_for_all()
                     bar.close()
                     if ctx.is_main:
-                        print(f"stopped by signal {self.stop_signal} at iteration {self.iteration}; "
+                        print(f"stopped by signal {stopping} at iteration {self.iteration}; "
                               f"{self.output_dir / 'last.pth'} saved; continue with --resume auto", flush=True)
-                    return {"interrupted": self.stop_signal, "iteration": self.iteration}
+                    return {"interrupted": stopping, "iteration": self.iteration}
                 if done:
                     break
         bar.close()

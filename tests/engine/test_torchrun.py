@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -69,3 +74,59 @@ def test_a_killed_worker_is_restarted_and_training_continues_from_the_last_check
     assert final["iteration"] == expected["iteration"] == 4
     for key, value in expected["model"].items():
         assert torch.equal(final["model"][key], value), f"{key} differs after the restart"
+
+
+def worker_pid(launcher_pid: int, rank: int) -> Optional[int]:
+    """The pid of torchrun's worker process of ``rank`` (a child of the launcher with RANK=rank), if started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+        if parent == launcher_pid and f"RANK={rank}".encode() in environment:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc (Linux)")
+def test_sigterm_reaching_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    """A scheduler's SIGTERM may reach the ranks one at a time, or only one of them. Every rank must still save and
+    stop at the same iteration: a rank that went on alone would wait forever in its next collective."""
+    output = tmp_path / "terminated"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "seg.train",
+         *TWO_PROCESS_TRAINING[:2], "--iters", "400", *TWO_PROCESS_TRAINING[4:], "--eval-every", "1000",
+         "--output-dir", str(output)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = stop_one_rank_and_wait(launcher, output / "log.jsonl")
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)  # anything left, workers included: they hold the pipes open
+        except ProcessLookupError:
+            pass
+        launcher.communicate()
+    assert "stopped by signal 15 at iteration" in stdout, stderr[-3000:]
+    stopped_at = int(stdout.split("stopped by signal 15 at iteration ")[1].split(";")[0])
+    assert 2 <= stopped_at < 400
+    assert load_checkpoint(output / "last.pth")["iteration"] == stopped_at
+    # Rank 1 handled its signal and exited with 128 + SIGTERM (torchrun then ends rank 0, already done).
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*143\b", stderr), stderr[-3000:]
+
+
+def stop_one_rank_and_wait(launcher: subprocess.Popen, log: Path):
+    """Once two iterations are logged, SIGTERM rank 1 alone; return torchrun's (stdout, stderr)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and launcher.poll() is None and (
+            not log.exists() or log.read_text().count('"loss"') < 2):
+        time.sleep(0.05)
+    rank1 = worker_pid(launcher.pid, 1)
+    assert rank1 is not None, f"rank 1's worker process was not found (torchrun status {launcher.poll()})"
+    os.kill(rank1, signal.SIGTERM)
+    try:
+        return launcher.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks hung after one of them was signalled")
