@@ -28,9 +28,9 @@ try:
 except ImportError:  # run straight from a checkout: python datasets/prepare_ade20k.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from seg.cli import ArgumentParser
 from seg.data.ade20k import FOLDERS
 from seg.data.download import (
-    ArgumentParser,
     PreparationError,
     archive_members,
     default_root,

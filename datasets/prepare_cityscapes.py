@@ -35,8 +35,8 @@ except ImportError:  # run straight from a checkout: python datasets/prepare_cit
 
 from tqdm import tqdm
 
+from seg.cli import ArgumentParser
 from seg.data.download import (
-    ArgumentParser,
     PreparationError,
     archive_members,
     default_root,

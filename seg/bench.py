@@ -18,7 +18,6 @@ forward, loss with aux, backward, SGD); multi-scale + flip of a 512x683 image ag
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -33,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seg.cli import ArgumentParser
 from seg.engine.inference import (MS_SCALES, InferenceConfig, predict_probabilities, scaled_size,
                                   single_scale_probabilities)
 from seg.engine.loss import segmentation_loss
@@ -476,7 +476,7 @@ def print_table(rows: List[Dict[str, object]], ms_flip: Optional[Dict[str, objec
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seg.bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m seg.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype for every contender")
     p.add_argument("--channels-last", action="store_true", help="run seg in channels_last")

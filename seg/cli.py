@@ -1,4 +1,5 @@
-"""Argument checks shared by the inference CLIs (``seg.eval``, ``seg.predict``, ``seg.export``).
+"""What the command lines share: :class:`ArgumentParser` (every CLI and preparation script) and the argument
+checks of the inference CLIs (``seg.eval``, ``seg.predict``, ``seg.export``).
 
 Each mistake is caught before any model is built and reported as one line naming the flag, the value and what
 was expected (exit status 2, through :class:`ArgumentParser`).
@@ -12,10 +13,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from seg.data.download import ArgumentParser
-
 __all__ = ["ArgumentParser", "MAX_CROP_SIZE", "checkpoint_problem", "crop_size_type", "int_in_range", "output_problem",
            "parse_scales"]
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2), like every other user mistake."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 # The largest window side accepted: 4096 x 4096 windows already take gigabytes of activations per image at output
 # stride 8; training crops are 480-1024.

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from seg.cli import ArgumentParser
 from seg.config import RECIPES, ConfigError, build_config
 from seg.data import DataError, list_datasets
 from seg.engine.checkpoint import CheckpointError
@@ -21,10 +22,10 @@ from seg.engine.distributed import shutdown_distributed
 from seg.models import PretrainedWeightsError, list_backbones
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seg.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Dataset recipes: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m seg.train", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Dataset recipes: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
     add = p.add_argument
     add("--config", type=Path, help="TOML file of settings (flags override it)")
     add("--dataset", help=f"one of {', '.join(list_datasets())} (default: toy)")

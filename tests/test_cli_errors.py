@@ -18,15 +18,17 @@ import pytest
 import torch
 from PIL import Image
 
+from seg.bench import main as bench_main
 from seg.data.__main__ import main as data_main
 from seg.engine.checkpoint import save_checkpoint
 from seg.cli import MAX_CROP_SIZE
 from seg.eval import main as eval_main
 from seg.export import main as export_main
 from seg.predict import main as predict_main
+from seg.train import main as train_main
 
 CLIS: Dict[str, Callable] = {"eval": eval_main, "predict": predict_main, "export": export_main,
-                             "data": data_main}
+                             "data": data_main, "train": train_main, "bench": bench_main}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +128,14 @@ CASES = CHECKPOINT_CASES + [
                  id="data-unknown-dataset"),
     pytest.param("export", [*EXPORT, "--format", "tflite", "--out", "{missing}/m"], ["--format", "'tflite'"],
                  id="export-unknown-format"),
+    # argparse's own checks are one line too (its default prints the whole usage first).
+    pytest.param("train", ["--iters", "x"], ["--iters", "invalid int value: 'x'"], id="train-iters-not-a-number"),
+    pytest.param("train", ["--dataset", "coco"], ["--dataset 'coco' is unknown", "ade20k, camvid"],
+                 id="train-unknown-dataset"),
+    pytest.param("train", ["--amp", "fp8"], ["--amp", "'fp8'", "bf16"], id="train-unknown-amp"),
+    pytest.param("bench", ["--threads", "x"], ["--threads", "invalid int value: 'x'"], id="bench-threads-not-a-number"),
+    pytest.param("eval", [*EVAL, "--no-such-flag"], ["unrecognized arguments: --no-such-flag"],
+                 id="eval-unknown-flag"),
     # Missing or empty data.
     pytest.param("eval", [*EVAL, "--dataset", "ade20k", "--data-root", "{missing}"],
                  ["ade20k data not found at", "missing"], id="eval-missing-root"),

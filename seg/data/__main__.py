@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 
+from seg.cli import ArgumentParser
+
 from . import DataError, build_dataset, list_datasets
 from .base import SplitNotFoundError
 from .check import check_dataset
 from .cityscapes import LABEL_MODES
-from .download import ArgumentParser
 
 
 def main(argv=None) -> int:

@@ -477,13 +477,6 @@ def safe_extract(archive: PathLike, destination: PathLike, progress: bool = True
 # ---------------------------------------------------------------------------------------------------- scripts
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit status 2), like every other user mistake."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_counts(text: str) -> Dict[str, int]:
     """``"train=3,val=2"`` -> ``{"train": 3, "val": 2}`` (argparse type for the expected-count override)."""
     counts = {}
