@@ -442,7 +442,7 @@ def run_case(case: Case, device: torch.device, amp: Optional[torch.dtype], chann
         for entry in (e for e in entries if e.contender is contender):
             seconds = statistics.median(entry.times)
             row = {**entry.row, "latency_s": seconds, "images_per_s": case.images / seconds,
-                   "flops_per_s": entry.row["flops"] / seconds}
+                   "flops_per_s": entry.row["flops"] / seconds, "round_seconds": list(entry.times)}
             if best is None or seconds < best["latency_s"]:
                 best = row
         rows.append(best)
@@ -450,8 +450,15 @@ def run_case(case: Case, device: torch.device, amp: Optional[torch.dtype], chann
     release_freed_memory()
     by_name = {row["implementation"]: row for row in rows}
     for row in rows:
-        own = row["implementation"].startswith("seg")
-        row["seg_speedup"] = 1.0 if own else by_name[row["versus"]]["images_per_s"] / row["images_per_s"]
+        if row["implementation"].startswith("seg"):
+            row["seg_speedup"], row["seg_speedup_range"] = 1.0, [1.0, 1.0]
+            continue
+        seg_row = by_name[row["versus"]]
+        row["seg_speedup"] = seg_row["images_per_s"] / row["images_per_s"]
+        # The same round's two timings share the machine's state at that moment: their ratios show how far the
+        # ratio of medians can be trusted on a noisy machine.
+        per_round = [theirs / ours for ours, theirs in zip(seg_row["round_seconds"], row["round_seconds"])]
+        row["seg_speedup_range"] = [min(per_round), max(per_round)]
     return rows
 
 
@@ -459,16 +466,18 @@ def print_table(rows: List[Dict[str, object]], ms_flip: Optional[Dict[str, objec
     print(header)
     mfu = any("mfu" in row for row in rows)
     print(f"| {'case':<56} | {'implementation':<44} | {'params':>8} | {'GMACs':>7} | {'img/s':>8} | "
-          f"{'latency':>9} | {'peak MB':>8} |" + (f" {'MFU':>6} |" if mfu else "") + f" {'seg is':>7} |")
-    print("|" + "|".join("-" * w for w in (58, 46, 10, 9, 10, 11, 10) + ((8,) if mfu else ()) + (9,)) + "|")
+          f"{'latency':>9} | {'peak MB':>8} |" + (f" {'MFU':>6} |" if mfu else "")
+          + f" {'seg is (rounds)':>19} |")
+    print("|" + "|".join("-" * w for w in (58, 46, 10, 9, 10, 11, 10) + ((8,) if mfu else ()) + (21,)) + "|")
     for row in rows:
         own = row["implementation"].startswith("seg")
-        speed = "" if own else f"{row['seg_speedup']:.2f}x"
+        low, high = row["seg_speedup_range"]
+        speed = "" if own else f"{row['seg_speedup']:.2f}x ({low:.2f}-{high:.2f})"
         layout = " (NHWC)" if row["channels_last"] and not own else ""
         print(f"| {row['case']:<56} | {row['implementation'] + layout:<44} | {row['params'] / 1e6:>7.2f}M | "
               f"{row['gmacs_per_image']:>7.2f} | {row['images_per_s']:>8.2f} | {row['latency_s'] * 1000:>7.1f}ms | "
               f"{row['peak_memory_mb']:>8.0f} |" + (f" {row['mfu'] * 100:>5.1f}% |" if mfu else "")
-              + f" {speed:>7} |")
+              + f" {speed:>19} |")
     if ms_flip is None:
         return
     print(f"{ms_flip['case']}: {ms_flip['seconds']:.3f} s, its 12 passes alone {ms_flip['passes_alone_seconds']:.3f}"
@@ -533,7 +542,7 @@ def main(argv=None) -> int:
               + (", QUICK sizes (not a speed measurement)" if args.quick else ""))
     print_table(rows, ms_flip, header)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": rows, "ms_flip": ms_flip}, indent=2))
+        args.json.write_text(json.dumps({"header": header, "repeats": repeats, "rows": rows, "ms_flip": ms_flip}, indent=2))
     return 0
 
 

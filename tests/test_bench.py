@@ -9,7 +9,8 @@ import sys
 
 def test_quick_bench_prints_every_case_with_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "seg.bench", "--quick", "--threads", "2", "--json", str(out)],
+    result = subprocess.run([sys.executable, "-m", "seg.bench", "--quick", "--threads", "2", "--repeats", "2", "--json",
+                             str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -20,6 +21,10 @@ def test_quick_bench_prints_every_case_with_ratios(tmp_path):
             "official resnest50 + torchvision heads"} <= implementations
     for row in report["rows"]:
         assert row["images_per_s"] > 0 and row["gmacs_per_image"] > 0 and row["seg_speedup"] > 0
+        # Each round's ratio bounds the ratio of the medians (a round-by-round bound carries over to medians).
+        low, high = row["seg_speedup_range"]
+        assert low * (1 - 1e-9) <= row["seg_speedup"] <= high * (1 + 1e-9), row
+        assert len(row["round_seconds"]) == report["repeats"] and min(row["round_seconds"]) > 0
     assert report["ms_flip"]["overhead"] > 0
     assert "QUICK sizes" in result.stdout and "| seg " in result.stdout
 
