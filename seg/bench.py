@@ -548,7 +548,8 @@ def main(argv=None) -> int:
               + (", QUICK sizes (not a speed measurement)" if args.quick else ""))
     print_table(rows, ms_flip, header)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "repeats": repeats, "rows": rows, "ms_flip": ms_flip}, indent=2))
+        report = {"header": header, "repeats": repeats, "rows": rows, "ms_flip": ms_flip}
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Optional
 __all__ = ["ArgumentParser", "MAX_CROP_SIZE", "checkpoint_problem", "crop_size_type", "int_in_range", "output_problem",
            "parse_scales"]
 
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr (exit status 2), like every other user mistake."""
 
