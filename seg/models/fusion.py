@@ -30,6 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .conv import Conv2d, apply_plan, instrumented, plan_convolution
+
+
+# The dtypes oneDNN's fused convolution takes (bf16 runs on AMX / AVX-512 BF16 where the CPU has them).
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
 
 @functools.lru_cache(maxsize=None)
 def _onednn_fusion_available() -> bool:
@@ -40,20 +46,14 @@ def _onednn_fusion_available() -> bool:
         return False
 
 
-def _tracing() -> bool:
-    """True while the graph is being traced, compiled or exported, or a dispatch mode (e.g. FlopCounterMode) is
-    watching the operators: they must then see the standard convolution, not oneDNN's fused one."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or exporting()
-            or torch._C._len_torch_dispatch_stack() > 0)
-
-
-class FusedConv2d(nn.Conv2d):
+class FusedConv2d(Conv2d):
     """A convolution (its batch norm already folded in) followed by a ReLU and, with ``adds_residual``, preceded
     by the sum with a shortcut: ``forward(x, residual)`` is ``relu(conv(x) + residual)``.
 
-    Same parameters as the convolution it replaces. On the CPU, in float32 without autograd, it is one oneDNN
-    primitive with the sum and the ReLU as post-ops; otherwise the plain operations.
+    Same parameters as the convolution it replaces. On the CPU, in float32 or bfloat16 (weights and input in the
+    same dtype, as a model cast for bf16 inference has them) without autograd, it is one oneDNN primitive with the
+    sum and the ReLU as post-ops; otherwise the plain operations. Dilated convolutions in bf16 take
+    :class:`~seg.models.conv.Conv2d`'s measured padding path either way.
     """
 
     def __init__(self, *args, relu: bool = True, adds_residual: bool = False, **kwargs) -> None:
@@ -73,26 +73,39 @@ class FusedConv2d(nn.Conv2d):
 
     def _onednn_applies(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        return (x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and self.weight.dtype == x.dtype
                 and not grad and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not torch.is_autocast_enabled("cpu") and not _tracing() and _onednn_fusion_available()
-                and (residual is None or (residual.dtype == x.dtype and residual.is_contiguous(
-                    memory_format=torch.channels_last if not x.is_contiguous() else torch.contiguous_format))))
+                and not torch.is_autocast_enabled("cpu") and not instrumented() and _onednn_fusion_available()
+                and (residual is None or self._binary_applies(x, residual)))
+
+    @staticmethod
+    def _binary_applies(x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """The residual sum as a post-op: the residual in x's dtype and layout; in bf16 only in channels_last
+        (this PyTorch's contiguous bf16 path falls back to an add_relu kernel that has no bf16 version)."""
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if x.dtype != torch.float32 and not channels_last:
+            return False
+        return residual.dtype == x.dtype and residual.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (N, in_channels, H, W); residual (with ``adds_residual``): the (N, out_channels, H', W') shortcut."""
         if self.adds_residual != (residual is not None):
             raise ValueError("FusedConv2d takes a residual exactly when it was built with adds_residual=True")
+        weight, padding = self.weight, self.padding
+        plan = plan_convolution(self, x, weight)
+        if plan is not None:
+            x, weight, padding = apply_plan(plan, x, weight)
         if self._onednn_applies(x, residual):
             unary = "relu" if self.relu else None
-            geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            geometry = (list(padding), list(self.stride), list(self.dilation), self.groups)
             if residual is None:
-                return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *geometry,
-                                                               unary or "none", [], "")
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *geometry, unary or "none",
+                                                               [], "")
             if residual.shape[1:] == (self.out_channels,) + tuple(residual.shape[2:]):
-                return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, self.weight, self.bias, *geometry,
+                return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, *geometry,
                                                                       "add", None, unary, [], "")
-        out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        out = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
         if residual is not None:
             out = out + residual
         return F.relu(out) if self.relu else out

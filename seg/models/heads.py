@@ -11,6 +11,7 @@ from typing import Callable, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .conv import Conv2d
 from .layers import pooled_batch_norm
 
 NormLayer = Callable[[int], nn.Module]
@@ -19,7 +20,7 @@ NormLayer = Callable[[int], nn.Module]
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int, norm_layer: NormLayer):
     padding = dilation * (kernel_size // 2)
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
         norm_layer(out_channels),
         nn.ReLU(inplace=True),
     )

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .conv import Conv2d
 from .layers import DropBlock2d
 from .registry import BACKBONES
 from .split_attention import SplitAttentionConv2d
@@ -97,7 +98,7 @@ class Bottleneck(nn.Module):
             )
             self.bn2: Optional[nn.Module] = None
         else:
-            self.conv2 = nn.Conv2d(
+            self.conv2 = Conv2d(  # dilated in layer3/layer4 (see seg.models.conv)
                 group_width,
                 group_width,
                 kernel_size=3,

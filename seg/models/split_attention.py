@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from .conv import Conv2d
 from .layers import DropBlock2d, pooled_batch_norm
 
 
@@ -56,7 +57,7 @@ class SplitAttentionConv2d(nn.Module):
         self.cardinality = cardinality
         self.channels = channels
         inter_channels = max(in_channels * radix // reduction_factor, 32)
-        self.conv = nn.Conv2d(
+        self.conv = Conv2d(  # dilated in layer3/layer4: seg's Conv2d picks its bf16 padding path by measurement
             in_channels,
             channels * radix,
             kernel_size,
