@@ -28,14 +28,11 @@ from seg.cli import (ArgumentParser, MAX_CROP_SIZE, checkpoint_problem, crop_siz
 from seg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from seg.engine.distributed import init_distributed, shutdown_distributed
 from seg.engine.evaluator import evaluate
-from seg.engine.inference import MS_SCALES, InferenceConfig
+from seg.engine.inference import MS_SCALES, InferenceConfig, inference_model
 from seg.engine.metrics import format_metrics_table
+from seg.engine.precision import PRECISIONS, precision_name, resolve_precision
 from seg.engine.plots import overlay, save_confusion_matrix
 from seg.models import PretrainedWeightsError, build_segmentor, list_backbones
-from seg.models.fusion import fuse_conv_bn
-
-AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def latest_checkpoint(root: Path = Path("outputs")) -> Optional[Path]:
     """The most recently written best.pth (else last.pth) under the default output directory."""
@@ -66,7 +63,11 @@ def parser() -> argparse.ArgumentParser:
     add("--base-size", type=int_in_range(1), help="long side that the scales multiply (default: the training base "
         "size)")
     add("--batch-size", type=int_in_range(1), default=4, help="windows per forward pass in slide mode")
-    add("--amp", choices=sorted(AMP), default="off", help="autocast dtype")
+    add("--precision", choices=PRECISIONS, default="fp32", help="what the model computes in: fp32 (default, the "
+        "benchmarks' numbers), bf16, fp16, or auto (bf16 on CPUs with AMX / AVX-512 BF16 and bf16 GPUs); softmax, "
+        "averaging and argmax stay fp32")
+    add("--amp", dest="precision", choices=PRECISIONS, type=lambda value: "fp32" if value == "off" else value,
+        help="the same as --precision (off: fp32)")
     add("--limit", type=int_in_range(1), help="evaluate the first N images only")
     add("--save-pred", type=Path, help="write one PNG per image here, in the dataset's own label values")
     add("--save-overlay", action="store_true", help="with --save-pred, also write colour overlays")
@@ -143,10 +144,11 @@ def run(args) -> int:
     if payload is not None and payload["model_config"]["num_classes"] != dataset.num_classes:
         raise ValueError(f"{args.checkpoint} predicts {payload['model_config']['num_classes']} classes but "
                          f"{dataset_name} has {dataset.num_classes}; pass the --dataset it was trained on")
-    model = load_model(args, payload, dataset.num_classes)
-    # Batch norm folded into the convolutions and channels_last: the same outputs (tests/models/test_fusion.py),
-    # faster (bench/RESULTS.md).
-    model = fuse_conv_bn(model, inplace=True).to(context.device, memory_format=torch.channels_last)
+    # Batch norm folded into the convolutions, channels_last, in the chosen precision: the same outputs in fp32
+    # (tests/models/test_fusion.py), faster (bench/RESULTS.md).
+    dtype = resolve_precision(args.precision, context.device)
+    model = inference_model(load_model(args, payload, dataset.num_classes), context.device, dtype,
+                            inplace=True)
 
     recipe = RECIPES.get(dataset_name, {})
     crop = args.crop_size or trained.get("crop_size") or recipe.get("crop_size", 512)
@@ -156,12 +158,12 @@ def run(args) -> int:
     inference = InferenceConfig(
         mode=args.mode or ("slide" if args.ms_flip else "whole"), crop_size=crop, stride=args.stride,
         scales=scales, flip=args.flip or args.ms_flip, base_size=base if (args.ms_flip or args.scales) else None,
-        window_batch=args.batch_size, amp_dtype=AMP[args.amp],
+        window_batch=args.batch_size,
     )
     if context.is_main:
         print(f"evaluating {args.checkpoint} on {dataset_name} {args.split} ({len(dataset)} images), mode "
               f"{inference.mode}, scales {list(inference.scales)}, flip {inference.flip}"
-              + (f", base size {base}" if inference.base_size else ""), flush=True)
+              + (f", base size {base}" if inference.base_size else "") + f", {precision_name(dtype)}", flush=True)
 
     def save_prediction(index: int, prediction: torch.Tensor) -> None:
         sample = dataset.samples[index]
@@ -183,7 +185,8 @@ def run(args) -> int:
     record = {**metrics, "checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": args.split,
               "images": len(dataset), "inference": {"mode": inference.mode, "scales": list(inference.scales),
                                                     "flip": inference.flip, "crop_size": inference.crop_size,
-                                                    "base_size": inference.base_size}}
+                                                    "base_size": inference.base_size,
+                                                    "precision": precision_name(dtype)}}
     json_path.write_text(json.dumps(record, indent=2, allow_nan=True))
     confusion_png = json_path.with_name(json_path.stem + "_confusion.png")
     save_confusion_matrix(matrix, dataset.classes, confusion_png)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from seg.data.io import DEFAULT_MAX_PIXELS, DataError
 from seg.engine.checkpoint import CheckpointError
+from seg.engine.precision import PRECISIONS
 from seg.cli import (ArgumentParser, MAX_CROP_SIZE, checkpoint_problem, crop_size_type, int_in_range,
                      output_problem, parse_scales)
 
@@ -66,6 +67,8 @@ def parser() -> ArgumentParser:
     add("--overlay", action="store_true", help="also write colour overlays")
     add("--proba", action="store_true", help="also write class probabilities as .npy")
     add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add("--precision", choices=PRECISIONS, default="auto", help="what the model computes in (default auto: bf16 on "
+        "CPUs with AMX / AVX-512 BF16 and on bf16 GPUs, else fp32)")
     return p
 
 
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
 
     try:
         segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device, crop_size=args.crop_size,
-                                              max_pixels=args.max_pixels or None)
+                                              max_pixels=args.max_pixels or None, precision=args.precision)
         args.out.mkdir(parents=True, exist_ok=True)
     except CheckpointError as error:
         print(f"error: --checkpoint: {error}", file=sys.stderr)

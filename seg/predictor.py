@@ -31,9 +31,10 @@ from PIL import Image
 
 from seg.data.io import DEFAULT_MAX_PIXELS, check_pixel_limit, read_image
 from seg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from seg.engine.inference import MS_SCALES, InferenceConfig, predict_probabilities, window_starts
+from seg.engine.inference import (MS_SCALES, InferenceConfig, inference_model, predict_probabilities,
+                                  window_starts)
 from seg.engine.plots import colorize, overlay
-from seg.models.fusion import fuse_conv_bn
+from seg.engine.precision import precision_name, resolve_precision
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -122,20 +123,24 @@ class Segmenter:
         max_pixels: larger images are refused (ImageTooLargeError; files are checked from their header, before
             decoding); None: no limit.
         max_whole_pixels: larger images are predicted by sliding windows, tile by tile (module docstring).
+        precision: what the network computes in: ``auto`` (default: bf16 on a CPU with AMX or AVX-512 BF16 and on
+            a bf16 GPU, else fp32), ``fp32``, ``bf16`` or ``fp16``. Softmax, averaging and argmax are fp32 in all
+            of them; bf16 agrees with fp32 on all but a fraction of a percent of pixels (bench/RESULTS.md).
     """
 
     def __init__(self, model: torch.nn.Module, classes: Sequence[str], palette: np.ndarray, mean: Sequence[float],
                  std: Sequence[float], device: Optional[Union[str, torch.device]] = None, dataset: str = "",
                  crop_size: int = 512, base_size: Optional[int] = None,
                  max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                 max_whole_pixels: int = DEFAULT_MAX_WHOLE_PIXELS) -> None:
+                 max_whole_pixels: int = DEFAULT_MAX_WHOLE_PIXELS, precision: str = "auto") -> None:
         if crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if max_pixels is not None and max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive (or None for no limit), got {max_pixels}")
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # A copy with batch norm folded, in channels_last: the same outputs, faster; the caller's module is untouched.
-        self.model = fuse_conv_bn(model.eval()).to(self.device, memory_format=torch.channels_last)
+        self.dtype = resolve_precision(precision, self.device)
+        # A copy with batch norm folded, in channels_last and the precision: faster; the caller's module is untouched.
+        self.model = inference_model(model, self.device, self.dtype)
         self.classes = tuple(classes)
         self.palette = np.asarray(palette, dtype=np.uint8)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -149,10 +154,11 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         crop_size: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                        max_whole_pixels: int = DEFAULT_MAX_WHOLE_PIXELS) -> "Segmenter":
+                        max_whole_pixels: int = DEFAULT_MAX_WHOLE_PIXELS, precision: str = "auto") -> "Segmenter":
         """Everything from one ``seg`` checkpoint (read with ``weights_only=True``); CUDA when available.
 
-        ``crop_size`` overrides the training crop as the slide window; the limits are the constructor's.
+        ``crop_size`` overrides the training crop as the slide window; the limits and ``precision`` are the
+        constructor's.
         """
         payload = load_checkpoint(path)
         config = payload.get("config", {})
@@ -160,11 +166,16 @@ class Segmenter:
         return cls(model_from_checkpoint(payload), payload["classes"], np.array(payload["palette"], np.uint8),
                    normalisation["mean"], normalisation["std"], device, payload.get("dataset", ""),
                    crop_size or config.get("crop_size") or 512, config.get("base_size"), max_pixels,
-                   max_whole_pixels)
+                   max_whole_pixels, precision)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def precision(self) -> str:
+        """What the network computes in: ``fp32``, ``bf16`` or ``fp16`` (``auto`` resolved for this device)."""
+        return precision_name(self.dtype)
 
     def read(self, image: ImageInput) -> np.ndarray:
         """The (H, W, 3) uint8 RGB array that prediction works on, with this Segmenter's ``max_pixels`` applied."""

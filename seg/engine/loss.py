@@ -25,11 +25,16 @@ def segmentation_loss(outputs: Union[torch.Tensor, Tuple[torch.Tensor, torch.Ten
         aux_weight: weight of the auxiliary term (ignored for a single tensor).
 
     Returns:
-        The 0-d mean loss over non-ignored pixels.
+        The 0-d mean loss over non-ignored pixels, in float32 at least: bf16/fp16 logits (autocast) are taken to
+        float32 first, so the log-softmax and the mean over millions of pixels are never rounded to 8 mantissa bits.
     """
     if isinstance(outputs, tuple):
         main, aux = outputs
-        return F.cross_entropy(main, target, ignore_index=IGNORE_INDEX) + aux_weight * F.cross_entropy(
-            aux, target, ignore_index=IGNORE_INDEX
-        )
-    return F.cross_entropy(outputs, target, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(_at_least_float32(main), target, ignore_index=IGNORE_INDEX) + aux_weight * (
+            F.cross_entropy(_at_least_float32(aux), target, ignore_index=IGNORE_INDEX))
+    return F.cross_entropy(_at_least_float32(outputs), target, ignore_index=IGNORE_INDEX)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits as float32; float32 and float64 ones as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits

@@ -49,8 +49,8 @@ from .loss import segmentation_loss
 from .lr_schedule import poly_schedule
 from .metrics import format_metrics_table
 from .plots import overlay, save_training_curves
+from .precision import AMP_DTYPES
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Test hook, read only by crash_iteration_for_tests(): the tests of torchrun's restarts set it to make one worker die.
 TEST_CRASH_VARIABLE = "SEG_TEST_CRASH_AT_ITERATION"
