@@ -33,14 +33,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.cli import ArgumentParser
-from seg.engine.inference import (MS_SCALES, InferenceConfig, predict_probabilities, scaled_size,
+from seg.engine.inference import (MS_SCALES, InferenceConfig, inference_model, predict_probabilities, scaled_size,
                                   single_scale_probabilities)
 from seg.engine.loss import segmentation_loss
+from seg.engine.precision import AMP_DTYPES, describe_cpu
 from seg.models import build_backbone, build_segmentor
 from seg.models.complexity import count_parameters
 from seg.models.fusion import fuse_conv_bn
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --dtype: every contender runs under autocast to it, except seg's inference rows, which run as seg's inference
+# entry points do (weights cast to it, batch norm folded; seg.engine.inference.inference_model).
+DTYPES = {"fp32": None, **{name: AMP_DTYPES[name] for name in ("bf16", "fp16")}}
 
 
 @dataclass
@@ -52,6 +55,10 @@ class Contender:
     run: Callable[[nn.Module, torch.Tensor], object]
     formats: Tuple[bool, ...] = (False, True)  # channels_last off/on: a reference gets its faster one
     versus: str = "seg"  # the seg row its "seg is" ratio is taken against (the one doing the same work)
+    # Reduced precision by casting the weights and the input (seg's inference path) instead of autocast.
+    casts_weights: bool = False
+    # Always float32, whatever --dtype: seg's own fp32 row beside its bf16 one, for the speed-up of the dtype.
+    float32: bool = False
 
 
 @dataclass
@@ -153,6 +160,18 @@ def seg_inference(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 # --- the cases -----------------------------------------------------------------------------------------------
 
 
+def with_float32_rows(cases: List[Case], channels_last: bool) -> None:
+    """Beside each seg row of the DeepLabV3 cases, the same seg in float32: under --dtype bf16 the table then shows
+    the dtype's own speed-up, measured in the same interleaved rounds ("seg is" < 1 on that row: fp32 is slower)."""
+    for case in cases:
+        if not case.title.startswith("DeepLabV3"):
+            continue
+        for contender in [c for c in case.contenders if c.name.startswith("seg")]:
+            case.contenders.append(Contender(contender.name.replace("seg", "fp32 seg", 1), contender.build,
+                                             contender.run, formats=(channels_last,), versus=contender.name,
+                                             float32=True))
+
+
 def build_cases(quick: bool, train_batch: int = 2) -> List[Case]:
     size = (lambda n: max(32, n // 8)) if quick else (lambda n: n)
     batch = (lambda n: 1) if quick else (lambda n: n)
@@ -171,7 +190,8 @@ def build_cases(quick: bool, train_batch: int = 2) -> List[Case]:
         name = f"resnest{depth}"
         case = Case(f"ResNeSt-{depth} classification {size(224)}, batch {batch(8)}", (batch(8), 3, size(224),
                     size(224)), batch(8))
-        case.contenders.append(Contender("seg", seg_inference(lambda name=name: build_backbone(name)), infer))
+        case.contenders.append(Contender("seg", seg_inference(lambda name=name: build_backbone(name)), infer,
+                                         casts_weights=True))
         if official is not None:
             case.contenders.append(Contender("official resnest", lambda name=name: getattr(official, name)(), infer))
         if timm is not None:
@@ -180,7 +200,7 @@ def build_cases(quick: bool, train_batch: int = 2) -> List[Case]:
 
         case = Case(f"ResNeSt-{depth} dilated OS8 features {size(512)}", (1, 3, size(512), size(512)), 1)
         case.contenders.append(Contender("seg", seg_inference(
-            lambda name=name: build_backbone(name, output_stride=8, num_classes=0)), features))
+            lambda name=name: build_backbone(name, output_stride=8, num_classes=0)), features, casts_weights=True))
         if official is not None:
             case.contenders.append(Contender("official dilated=True",
                                              lambda name=name: getattr(official, name)(dilated=True),
@@ -194,7 +214,8 @@ def build_cases(quick: bool, train_batch: int = 2) -> List[Case]:
     for depth, timm_name in ((50, "resnest50d"), (101, "resnest101e")):
         case = Case(f"DeepLabV3-ResNeSt-{depth} inference {size(512)}", (1, 3, size(512), size(512)), 1)
         case.contenders.append(Contender("seg", seg_inference(
-            lambda d=depth: build_segmentor("deeplabv3", backbone=f"resnest{d}", num_classes=150)), infer))
+            lambda d=depth: build_segmentor("deeplabv3", backbone=f"resnest{d}", num_classes=150)), infer,
+            casts_weights=True))
         if official is not None:
             case.contenders.append(Contender(f"official resnest{depth} + torchvision heads",
                                              lambda d=depth: official_deeplabv3(d, aux=False), torchvision_logits))
@@ -211,7 +232,7 @@ def build_cases(quick: bool, train_batch: int = 2) -> List[Case]:
                 (1, 3, size(1024), size(2048)), 1)
     case.contenders.append(Contender(
         "seg", seg_inference(lambda: build_segmentor("deeplabv3", backbone="resnest50", num_classes=19)),
-        lambda m, x: predict_probabilities(m, x, slide)))
+        lambda m, x: predict_probabilities(m, x, slide), casts_weights=True))
     cases.append(case)
 
     tb = train_batch  # two at least: the references cannot train batch norm on one image
@@ -244,21 +265,22 @@ def ms_flip_case(quick: bool, device: torch.device, amp: Optional[torch.dtype], 
     """Multi-scale + flip of one 512x683 image against the sum of its 12 forward passes run alone."""
     height, width = (64, 85) if quick else (512, 683)
     crop = 64 if quick else 512
-    model = fuse_conv_bn(build_segmentor("deeplabv3", backbone="resnest50", num_classes=150).eval()).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # As seg.eval runs it: folded, channels_last, its weights in the benchmark's dtype.
+    model = inference_model(build_segmentor("deeplabv3", backbone="resnest50", num_classes=150), device,
+                            amp or torch.float32)
+    if not channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
     image = torch.randn(1, 3, height, width, device=device)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    config = InferenceConfig(mode="slide", crop_size=crop, scales=MS_SCALES["ade20k"], flip=True,
-                             base_size=width, amp_dtype=amp)
+    config = InferenceConfig(mode="slide", crop_size=crop, scales=MS_SCALES["ade20k"], flip=True, base_size=width)
     runs = [lambda: predict_probabilities(model, image, config)]
     for scale in config.scales:
         size = scaled_size(height, width, scale, config.base_size)
         view = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
                                                                     align_corners=True)
         for flip in (False, True):
-            one = InferenceConfig(mode="slide", crop_size=crop, amp_dtype=amp)
+            one = InferenceConfig(mode="slide", crop_size=crop)
             viewed = view.flip(-1) if flip else view
             runs.append(lambda v=viewed, c=one: single_scale_probabilities(model, v, c))
     # Interleaved rounds, as in run_case: the whole evaluation and its passes see the same machine load.
@@ -301,11 +323,13 @@ def median_seconds(run: Callable[[], object], repeats: int, device: Optional[tor
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """The device's own bf16 matrix-multiply rate (FLOP/s): the best of timed 8192^3 products, measured here."""
-    a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    seconds = min(median_seconds(lambda: a @ b, 10, device) for _ in range(3))
-    return 2 * 8192**3 / seconds
+    """The device's own matrix-multiply rate in ``dtype`` (FLOP/s), measured here: the best median of timed square
+    products (8192 on a GPU, 4096 on a CPU, where one fp32 product of 4096 already takes a third of a second)."""
+    n = 8192 if device.type == "cuda" else 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = min(median_seconds(lambda: a @ b, 10 if device.type == "cuda" else 5, device) for _ in range(3))
+    return 2 * n**3 / seconds
 
 
 def release_freed_memory() -> None:
@@ -380,10 +404,14 @@ def prepare(case: Case, contender: Contender, use_channels_last: bool, device: t
     module = contender.build().to(device).train("train step" in case.title).to(memory_format=memory_format)
     params = count_parameters(module)
     x = torch.randn(*case.input_shape, device=device).contiguous(memory_format=memory_format)
+    amp = None if contender.float32 else amp
+    cast = contender.casts_weights and amp is not None
+    if cast:  # seg's inference path: weights and input in the dtype (fused bf16 kernels), no autocast
+        module, x = module.to(amp), x.to(amp)
     runnable = torch.compile(module) if compile_ and is_seg else module
 
-    def once(run=contender.run, module=runnable, x=x):
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+    def once(run=contender.run, module=runnable, x=x, autocast=amp is not None and not cast):
+        with torch.autocast(device.type, dtype=amp, enabled=autocast):
             run(module, x)
 
     once()  # compile, allocator and kernel-selection warm-up, kept out of the counts below
@@ -523,6 +551,8 @@ def main(argv=None) -> int:
         return not args.only or any(text in title for text in args.only)
 
     cases = [case for case in build_cases(args.quick, args.train_batch) if wanted(case.title)]
+    if amp is not None:
+        with_float32_rows(cases, args.channels_last)
     run_ms_flip = wanted("multi-scale + flip")
     if not cases and not run_ms_flip:
         p.error(f"--only {' / '.join(args.only)!r} matches no case")
@@ -537,18 +567,20 @@ def main(argv=None) -> int:
         rows += run_case(case, device, amp, args.channels_last, args.compile, repeats)
         print(f"measured: {case.title}", file=sys.stderr, flush=True)
     ms_flip = ms_flip_case(args.quick, device, amp, args.channels_last, repeats) if run_ms_flip else None
-    peak = ""
-    if device.type == "cuda":
-        peak_flops = matmul_peak_flops(device)
-        for row in rows:
+    # MFU: achieved MACs per second over the device's own matmul rate in the benchmark's dtype, measured now.
+    peak_flops = matmul_peak_flops(device, amp or torch.float32) if not args.quick else None
+    for row in rows:
+        if peak_flops:
             row["mfu"] = row["flops_per_s"] / peak_flops
-        peak = f", {torch.cuda.get_device_name(device)}: bf16 matmul {peak_flops / 1e12:.0f} TFLOP/s measured"
-    header = (f"seg.bench on {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, channels_last "
-              f"{args.channels_last}, compile {args.compile}, torch {torch.__version__}{peak}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
+    peak = f"; {args.dtype} matmul {peak_flops / 2e12:.2f} TMAC/s measured" if peak_flops else ""
+    header = (f"seg.bench on {device} ({name}; {torch.get_num_threads()} threads), dtype {args.dtype}, "
+              f"channels_last {args.channels_last}, compile {args.compile}, torch {torch.__version__}{peak}"
               + (", QUICK sizes (not a speed measurement)" if args.quick else ""))
     print_table(rows, ms_flip, header)
     if args.json:
-        report = {"header": header, "repeats": repeats, "rows": rows, "ms_flip": ms_flip}
+        report = {"header": header, "repeats": repeats, "rows": rows, "ms_flip": ms_flip,
+                  "matmul_peak_flops": peak_flops}
         args.json.write_text(json.dumps(report, indent=2))
     return 0
 
