@@ -36,7 +36,7 @@ from seg.cli import ArgumentParser
 from seg.engine.inference import (MS_SCALES, InferenceConfig, inference_model, predict_probabilities, scaled_size,
                                   single_scale_probabilities)
 from seg.engine.loss import segmentation_loss
-from seg.engine.precision import AMP_DTYPES, describe_cpu
+from seg.engine.precision import AMP_DTYPES, describe_cpu, precision_name
 from seg.models import build_backbone, build_segmentor
 from seg.models.complexity import count_parameters
 from seg.models.fusion import fuse_conv_bn
@@ -427,7 +427,8 @@ def prepare(case: Case, contender: Contender, use_channels_last: bool, device: t
     peak = peak_memory_mb(device) - baseline
     row = {"case": case.title, "implementation": contender.name, "channels_last": use_channels_last,
            "params": params, "gmacs_per_image": counter.get_total_flops() / 2 / case.images / 1e9,
-           "peak_memory_mb": peak, "flops": counter.get_total_flops(), "versus": contender.versus}
+           "peak_memory_mb": peak, "flops": counter.get_total_flops(), "versus": contender.versus,
+           "dtype": precision_name(amp), "autocast": amp is not None and not cast}
     return Entry(contender, use_channels_last, once, row)
 
 

@@ -29,6 +29,22 @@ def test_quick_bench_prints_every_case_with_ratios(tmp_path):
     assert "QUICK sizes" in result.stdout and "| seg " in result.stdout
 
 
+def test_bf16_bench_runs_seg_cast_references_under_autocast_and_fp32_beside(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "seg.bench", "--quick", "--threads", "2", "--repeats", "1",
+                             "--dtype", "bf16", "--channels-last", "--only", "DeepLabV3-ResNeSt-50 inference",
+                             "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {row["implementation"]: row for row in report["rows"]}
+    assert (rows["seg"]["dtype"], rows["seg"]["autocast"]) == ("bf16", False)  # weights cast, fused bf16 kernels
+    assert (rows["fp32 seg"]["dtype"], rows["fp32 seg"]["autocast"]) == ("fp32", False)
+    assert rows["fp32 seg"]["versus"] == "seg" and rows["fp32 seg"]["seg_speedup"] > 0
+    references = [row for name, row in rows.items() if "seg" not in name]
+    assert references and all(row["dtype"] == "bf16" and row["autocast"] for row in references)
+    assert "bf16 units: " in report["header"] and "dtype bf16" in report["header"]
+
+
 def test_the_loss_module_ignores_the_datasets_ignore_value():
     from seg.data.base import IGNORE_INDEX
     from seg.engine.loss import IGNORE_INDEX as LOSS_IGNORE_INDEX

@@ -136,9 +136,12 @@ def test_fused_convolution_runs_in_bf16_with_the_dilated_path(randomize_batchnor
         assert branch._onednn_applies(torch.randn(1, 2048, 12, 12, dtype=torch.bfloat16), None)
         reference = model(x)
         out = fused(x.bfloat16()).float()
+    # bf16 rounds weights and activations by 2^-8 relative; the logits of this untrained net follow within a few
+    # percent of their range at worst and a fraction of a percent on average. (Argmax agreement is the guard of a
+    # trained model: tests/engine/test_precision.py.)
     scale = reference.abs().max()
-    assert (out - reference).abs().max() < 0.05 * scale
-    assert (out.argmax(1) == reference.argmax(1)).float().mean() > 0.97
+    error = (out - reference).abs()
+    assert error.max() < 0.05 * scale and error.mean() < 0.01 * scale
 
 
 def test_deterministic_mode_times_nothing(monkeypatch):
