@@ -39,11 +39,10 @@ from seg.engine.loss import segmentation_loss
 from seg.engine.precision import AMP_DTYPES, describe_cpu, precision_name
 from seg.models import build_backbone, build_segmentor
 from seg.models.complexity import count_parameters
-from seg.models.fusion import fuse_conv_bn
 
 # --dtype: every contender runs under autocast to it, except seg's inference rows, which run as seg's inference
 # entry points do (weights cast to it, batch norm folded; seg.engine.inference.inference_model).
-DTYPES = {"fp32": None, **{name: AMP_DTYPES[name] for name in ("bf16", "fp16")}}
+DTYPES = {"fp32" if name == "off" else name: dtype for name, dtype in AMP_DTYPES.items()}
 
 
 @dataclass
@@ -153,8 +152,9 @@ def installed(module: str) -> bool:
 
 
 def seg_inference(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """seg as its inference entry points run it: eval mode with batch norm folded into the convolutions."""
-    return lambda: fuse_conv_bn(build().eval(), inplace=True)
+    """seg as its inference entry points prepare it (seg.engine.inference.inference_model: eval mode, batch norm
+    folded); ``prepare`` then sets the case's memory format and, under a reduced --dtype, casts it."""
+    return lambda: inference_model(build(), "cpu", inplace=True)
 
 
 # --- the cases -----------------------------------------------------------------------------------------------

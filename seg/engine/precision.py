@@ -66,7 +66,7 @@ def describe_cpu() -> str:
 def resolve_precision(precision: str, device: Union[str, torch.device]) -> torch.dtype:
     """The dtype inference runs in for ``precision`` (one of :data:`PRECISIONS`) on ``device``.
 
-    Raises ValueError for an unknown name, or for fp16 on a CUDA device without it (none in practice).
+    Raises ValueError for an unknown name.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -57,8 +57,8 @@ def set_padding_policy(policy: str) -> None:
 
 
 def padding_choices() -> Dict[tuple, bool]:
-    """The measured choices so far: (dtype, channels in/out, kernel, dilation, groups, channels_last, H, W) ->
-    True where explicit padding was faster."""
+    """The measured choices so far: ((dtype, channels in, channels out, kernel, dilation, groups, stride, padding,
+    channels_last), height, width) -> True where explicit padding was faster."""
     with _lock:
         return dict(_choices)
 
