@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seg.config import ConfigError, TrainConfig, build_config
+from seg.config import SCRATCH_RECIPE, SCRATCH_RECIPES, ConfigError, TrainConfig, build_config, resolve_pretrained
 
 
 def test_recipe_then_file_then_flags(tmp_path):
@@ -32,7 +32,10 @@ def test_derived_values_scale_the_lr_with_the_total_batch():
         ({"crop_size": 0}, "--crop-size must be positive"),
         ({"crop_size": 10000}, "--crop-size 10000 is larger than allowed"),
         ({"lr": -1.0}, "--lr must be positive"),
-        ({"amp": "fp8"}, "--amp must be bf16, fp16 or off"),
+        ({"amp": "fp8"}, "--amp must be auto, bf16, fp16 or off"),
+        ({"time_budget": 0.0}, "--time-budget must be a positive number of minutes"),
+        ({"warmup_iters": -1}, "--warmup-iters must be >= 0"),
+        ({"ohem_threshold": 1.5}, r"--ohem-threshold must be in \(0, 1\]"),
     ],
 )
 def test_bad_values_name_the_flag(flags, message):
@@ -55,3 +58,33 @@ def test_bad_files_are_named(tmp_path):
 
 def test_defaults_are_the_dataclass():
     assert build_config({}).dataset == TrainConfig().dataset == "toy"
+
+
+def test_random_init_takes_the_from_scratch_recipe(tmp_path):
+    scratch = build_config({"dataset": "camvid", "pretrained": "none"})
+    for key, value in {**SCRATCH_RECIPE, **SCRATCH_RECIPES["camvid"]}.items():
+        assert getattr(scratch, key) == (tuple(value) if isinstance(value, list) else value), key
+    assert resolve_pretrained(scratch) is None
+    assert scratch.epochs == 60 and scratch.total_batch == 8  # the dataset recipe's other values stay
+    # ImageNet weights keep the paper-style recipe.
+    pretrained = build_config({"dataset": "camvid"})
+    assert (pretrained.backbone, pretrained.head_lr_mult, pretrained.amp) == ("resnest50", 10.0, "off")
+    assert resolve_pretrained(pretrained) == "resnest50"
+    # A file and flags still win over the scratch layer; a named backbone is kept.
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "camvid"\npretrained = "none"\nhead_lr_mult = 4.0\n')
+    cfg = build_config({"backbone": "resnet50", "warmup_iters": 0}, config)
+    assert (cfg.head_lr_mult, cfg.warmup_iters, cfg.backbone, cfg.base_lr) == (4.0, 0, "resnet50",
+                                                                               SCRATCH_RECIPE["base_lr"])
+    # Other datasets take the generic layer; the toy recipe (written for random init) is untouched.
+    assert build_config({"dataset": "ade20k", "pretrained": "none"}).head_lr_mult == 1.0
+    toy = build_config({})
+    assert (toy.base_lr, toy.head_lr_mult, toy.amp) == (0.08, 10.0, "off")
+
+
+def test_a_budget_validates_five_times_unless_told():
+    cfg = build_config({"dataset": "camvid", "pretrained": "none", "time_budget": 15.0, "iters": 400})
+    resolved = cfg.resolved(train_size=367, world_size=1)
+    assert resolved.eval_every == 80
+    explicit = build_config({"dataset": "camvid", "time_budget": 15.0, "iters": 400, "eval_every": 100})
+    assert explicit.resolved(367, 1).eval_every == 100
