@@ -31,7 +31,7 @@ from seg.engine.evaluator import evaluate
 from seg.engine.inference import MS_SCALES, InferenceConfig, inference_model
 from seg.engine.metrics import format_metrics_table
 from seg.engine.precision import PRECISIONS, precision_name, resolve_precision
-from seg.engine.plots import overlay, save_confusion_matrix
+from seg.engine.plots import overlay, save_confusion_matrix, save_per_class_iou, save_prediction_panels
 from seg.models import PretrainedWeightsError, build_segmentor, list_backbones
 
 def latest_checkpoint(root: Path = Path("outputs")) -> Optional[Path]:
@@ -60,8 +60,9 @@ def parser() -> argparse.ArgumentParser:
     add("--crop-size", type=crop_size_type,
         help=f"window side for slide, 1 to {MAX_CROP_SIZE} (default: the training crop)")
     add("--stride", type=int_in_range(1), help="window step for slide, 1 to the crop size (default 2/3 crop)")
-    add("--base-size", type=int_in_range(1), help="long side that the scales multiply (default: the training base "
-        "size)")
+    add("--base-size", type=int_in_range(1), help="long side that the scales multiply, also for single-scale "
+        "evaluation (default: the training base size, the scale the model was trained at; metrics are always at "
+        "the labels' resolution)")
     add("--batch-size", type=int_in_range(1), default=4, help="windows per forward pass in slide mode")
     add("--precision", choices=PRECISIONS, default="fp32", help="what the model computes in: fp32 (default, the "
         "benchmarks' numbers), bf16, fp16, or auto (bf16 on CPUs with AMX / AVX-512 BF16 and bf16 GPUs); softmax, "
@@ -70,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
         help="the same as --precision (off: fp32)")
     add("--limit", type=int_in_range(1), help="evaluate the first N images only")
     add("--save-pred", type=Path, help="write one PNG per image here, in the dataset's own label values")
-    add("--save-overlay", action="store_true", help="with --save-pred, also write colour overlays")
+    add("--save-overlay", action="store_true", help="with --save-pred, also write colour overlays and image | "
+        "ground truth | prediction panels with a class legend")
     add("--json", type=Path, help="where the metrics JSON goes (the confusion PNG goes beside it)")
     add("--workers", type=int_in_range(0), default=2, help="DataLoader workers")
     add("--device", default="auto", help="auto (default), cpu or cuda")
@@ -157,7 +159,7 @@ def run(args) -> int:
                              else (1.0,))
     inference = InferenceConfig(
         mode=args.mode or ("slide" if args.ms_flip else "whole"), crop_size=crop, stride=args.stride,
-        scales=scales, flip=args.flip or args.ms_flip, base_size=base if (args.ms_flip or args.scales) else None,
+        scales=scales, flip=args.flip or args.ms_flip, base_size=base,
         window_batch=args.batch_size,
     )
     if context.is_main:
@@ -171,8 +173,12 @@ def run(args) -> int:
         args.save_pred.mkdir(parents=True, exist_ok=True)
         Image.fromarray(dataset.to_stored_ids(mask)).save(args.save_pred / f"{Path(sample.image).stem}.png")
         if args.save_overlay:
-            image = dataset.load(index)["image"]
-            overlay(image, mask, dataset.palette).save(args.save_pred / f"{Path(sample.image).stem}_overlay.png")
+            loaded = dataset.load(index)
+            stem = Path(sample.image).stem
+            overlay(loaded["image"], mask, dataset.palette).save(args.save_pred / f"{stem}_overlay.png")
+            save_prediction_panels(loaded["image"], mask, dataset.palette, dataset.classes,
+                                   args.save_pred / f"{stem}_panels.png", ground_truth=loaded["mask"],
+                                   title=Path(sample.image).name)
 
     metrics = evaluate(model, dataset, context.device, inference, workers=args.workers, progress=context.is_main,
                        on_prediction=save_prediction if args.save_pred else None)
@@ -190,8 +196,12 @@ def run(args) -> int:
     json_path.write_text(json.dumps(record, indent=2, allow_nan=True))
     confusion_png = json_path.with_name(json_path.stem + "_confusion.png")
     save_confusion_matrix(matrix, dataset.classes, confusion_png)
-    print(f"wrote {json_path} and {confusion_png}" + (f"; predictions in {args.save_pred}" if args.save_pred
-                                                       else ""))
+    per_class_png = json_path.with_name(json_path.stem + "_per_class_iou.png")
+    mode = "multi-scale + flip" if len(inference.scales) > 1 and inference.flip else "single scale"
+    save_per_class_iou({name: values["IoU"] for name, values in metrics["per_class"].items()}, per_class_png,
+                       title=f"{dataset_name} {args.split}, {mode}, {precision_name(dtype)}")
+    print(f"wrote {json_path}, {confusion_png} and {per_class_png}"
+          + (f"; predictions in {args.save_pred}" if args.save_pred else ""))
     return 0
 
 

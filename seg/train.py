@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from seg.cli import ArgumentParser
@@ -36,13 +37,31 @@ def parser() -> ArgumentParser:
     add("--batch-size", type=int, help="images per process per micro-batch (default: total batch 16 / processes)")
     add("--accum", type=int, help="micro-batches accumulated per optimizer step")
     add("--lr", type=float, help="learning rate (default: 0.01 x total batch / 16)")
+    add("--head-lr-mult", type=float, help="lr multiplier of the heads (default 10; 1 from scratch)")
+    add("--warmup-iters", type=int, help="linear lr warm-up steps before the poly decay (default 0; 50 from scratch)")
+    add("--time-budget", type=float, metavar="MINUTES",
+        help="end within this wall-clock time, validation included: a short probe fixes --iters (kept on resume); "
+             "about 5 validations unless --eval-every is given")
     add("--crop-size", type=int, help="training crop side (ADE20K 480, Cityscapes 768)")
     add("--base-size", type=int, help="reference long side for the random rescale (ADE20K 520, Cityscapes 2048)")
     add("--output-stride", type=int, help="backbone output stride: 8 (default), 16 or 32")
     add("--aux-weight", type=float, help="weight of the auxiliary loss (default 0.5)")
     add("--no-aux", dest="aux", action="store_const", const=False, help="no auxiliary head")
-    add("--pretrained", help="backbone weights: auto (published ImageNet weights; none for toy), none, name or file")
-    add("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (default off)")
+    add("--pretrained", help="backbone weights: auto (published ImageNet weights; none for toy), none, name or "
+        "file; random init switches to the from-scratch defaults (seg.config.SCRATCH_RECIPE)")
+    add("--class-weights", metavar="auto|none|FILE",
+        help="weigh the loss per class: auto (median frequency balancing of the train masks, computed once and "
+             "cached; the CamVid from-scratch default), none, or a file of one weight per class (JSON list or "
+             "object, or whitespace-separated numbers)")
+    add("--class-weights-power", type=float, help="raise the class weights to this power (default 1; 0.5 tempers "
+        "them: the CamVid from-scratch recipe)")
+    add("--ohem", action="store_const", const=True,
+        help="online hard example mining of the main head's pixels (mmsegmentation's OHEMPixelSampler)")
+    add("--ohem-threshold", type=float, help="with --ohem: keep pixels whose true-class probability is below this "
+        "(default 0.7)")
+    add("--ohem-min-kept", type=int, help="with --ohem: keep at least this many pixels per batch (default 100000)")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"],
+        help="mixed precision (default off; auto from scratch: bf16 where the CPU/GPU has bf16 units)")
     add("--channels-last", action="store_const", const=True, help="channels_last memory format")
     add("--compile", action="store_const", const=True, help="torch.compile the model")
     add("--deterministic", action="store_const", const=True, help="deterministic algorithms only")
@@ -62,6 +81,7 @@ def parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
+    started_at = time.monotonic()  # --time-budget counts from here
     args = parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     if args.dataset is not None and args.dataset not in list_datasets():
@@ -73,7 +93,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = build_config(flags, args.config)
-        result = Trainer(cfg).run()
+        result = Trainer(cfg, started_at=started_at).run()
     except (ConfigError, DataError, PretrainedWeightsError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

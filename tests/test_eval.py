@@ -22,6 +22,10 @@ def run_eval(*args, cwd=None, timeout=600):
                           timeout=timeout, cwd=cwd)
 
 
+def dataset_width(index: int) -> int:
+    return build_dataset("toy", "val").load(index)["image"].shape[1]
+
+
 def test_eval_writes_table_json_confusion_and_predictions(tiny_training_run, tmp_path):
     output, _ = tiny_training_run
     result = run_eval("--checkpoint", str(output / "best.pth"), "--limit", "5", "--json", str(tmp_path / "m.json"),
@@ -32,9 +36,13 @@ def test_eval_writes_table_json_confusion_and_predictions(tiny_training_run, tmp
     for key in ("mIoU", "pixAcc", "mAcc", "fwIoU", "mIoU_all_classes"):
         assert 0 <= metrics[key] <= 1
     assert set(metrics["per_class"]) == {"background", "disc", "box", "stripe"}
-    assert (tmp_path / "m_confusion.png").is_file()
+    assert (tmp_path / "m_confusion.png").is_file() and (tmp_path / "m_per_class_iou.png").is_file()
     saved = sorted((tmp_path / "pred").glob("*.png"))
-    assert [p.name for p in saved if "overlay" not in p.name] == [f"{i:04d}.png" for i in range(5)]
+    assert [p.name for p in saved if "_" not in p.name] == [f"{i:04d}.png" for i in range(5)]
+    for i in range(5):  # --save-overlay: the overlay and image | ground truth | prediction panels per image
+        assert (tmp_path / "pred" / f"{i:04d}_overlay.png").is_file()
+        assert Image.open(tmp_path / "pred" / f"{i:04d}_panels.png").size[0] > 2 * dataset_width(i)
+    assert metrics["inference"]["base_size"] == 64  # the training base size, by default
 
     # The numbers equal a reference computed pixel by pixel from the saved predictions.
     dataset = build_dataset("toy", "val")

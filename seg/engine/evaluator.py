@@ -65,8 +65,11 @@ def evaluate(
     # One image at a time (sizes differ); unbatched, so splits without labels (mask None) pass through. Guarded:
     # an unreadable image raises its one-line DataError here, not a worker's traceback. It is never skipped: a
     # metric over fewer images than the split is not the benchmark's number.
+    # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, so validating
+    # during training would shift the global random draws of the training steps after it (tested: a run with
+    # more validations ends with the same weights).
     loader = GuardedDataLoader(GuardedDataset(dataset), batch_size=None, sampler=sampler, num_workers=workers,
-                               pin_memory=device.type == "cuda")
+                               pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     confusion = ConfusionMatrix(dataset.num_classes, device=device)
     batches = tqdm(loader, desc="evaluate", unit="img", disable=not progress, leave=False)
     for index, sample in zip(sampler, batches, strict=True):

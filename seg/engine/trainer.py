@@ -11,11 +11,15 @@ Under ``torchrun --max-restarts`` the same ``--resume auto`` makes restarted wor
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
 import signal
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -26,11 +30,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from seg.config import TrainConfig
+from seg.config import TrainConfig, resolve_pretrained
 from seg.data import build_dataset, eval_transforms, train_transforms
+from seg.data.class_weights import resolve_class_weights
 from seg.data.loader import SeededSampler, build_dataloader
 from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from seg.models import PUBLISHED_WEIGHTS, build_segmentor, set_dropblock_progress
+from seg.models import build_segmentor, set_dropblock_progress
 
 from .checkpoint import (
     describe,
@@ -44,13 +49,18 @@ from .checkpoint import (
 from .determinism import enable_determinism
 from .distributed import DistributedContext, StopVote, init_distributed, synchronise_batchnorm
 from .evaluator import evaluate
-from .inference import InferenceConfig
-from .loss import segmentation_loss
+from .inference import InferenceConfig, predict_probabilities
+from .loss import Ohem, segmentation_loss
 from .lr_schedule import poly_schedule
 from .metrics import format_metrics_table
-from .plots import overlay, save_training_curves
-from .precision import AMP_DTYPES
+from .plots import (overlay, save_confusion_matrix, save_per_class_iou, save_prediction_panels,
+                    save_training_curves)
+from .precision import AMP_DTYPES, precision_name, resolve_precision
+from .time_budget import BudgetTooShortError, ProbeTimes, events_of_schedule, fit_iterations_to_budget
 
+
+# Seconds a validation's DataLoader takes to start its workers (not measured by the probe, which runs without).
+LOADER_START_S = 1.0
 
 # Test hook, read only by crash_iteration_for_tests(): the tests of torchrun's restarts set it to make one worker die.
 TEST_CRASH_VARIABLE = "SEG_TEST_CRASH_AT_ITERATION"
@@ -84,15 +94,6 @@ def crash_iteration_for_tests(context: DistributedContext) -> Optional[int]:
     return int(value) if first_attempt and context.rank == context.world_size - 1 else None
 
 
-def resolve_pretrained(cfg: TrainConfig) -> Optional[str]:
-    """``auto``: the backbone's published ImageNet weights (none for the toy data); ``none``: random init."""
-    if cfg.pretrained == "none":
-        return None
-    if cfg.pretrained == "auto":
-        return cfg.backbone if cfg.dataset != "toy" and cfg.backbone in PUBLISHED_WEIGHTS else None
-    return cfg.pretrained
-
-
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
     """The backbone at the base lr, the heads at ``head_lr_mult`` x (the paper's recipe)."""
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -104,7 +105,10 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]
 class Trainer:
     """One training run of ``cfg`` (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, context: Optional[DistributedContext] = None) -> None:
+    def __init__(self, cfg: TrainConfig, context: Optional[DistributedContext] = None,
+                 started_at: Optional[float] = None) -> None:
+        """``started_at``: the ``time.monotonic()`` from which ``cfg.time_budget`` counts (default: now)."""
+        self.started_at = time.monotonic() if started_at is None else started_at
         self.context = context or init_distributed(cfg.device)
         ctx = self.context
         if cfg.deterministic:
@@ -119,6 +123,7 @@ class Trainer:
         self.val_set = build_dataset(cfg.dataset, "val", root=cfg.data_root, transforms=eval_transforms())
         if cfg.val_limit is not None:
             self.val_set.samples = self.val_set.samples[: cfg.val_limit]
+        self._requested = cfg  # before derivation: a time budget re-derives the schedule from its probe
         self.cfg = cfg = cfg.resolved(len(self.train_set), ctx.world_size)
         self.steps_per_epoch = (len(self.train_set) // ctx.world_size) // (cfg.batch_size * cfg.accum)
         if self.steps_per_epoch < 1:
@@ -142,8 +147,17 @@ class Trainer:
         self.model = model
         self.optimizer = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        self.scheduler = poly_schedule(self.optimizer, cfg.iters, cfg.poly_power)
-        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.scheduler = poly_schedule(self.optimizer, cfg.iters, cfg.poly_power, cfg.warmup_iters)
+        if cfg.amp == "auto":  # bf16 where the CPU or GPU has bf16 matrix units, else fp32
+            precision = resolve_precision("auto", ctx.device)
+            self.amp_dtype = None if precision == torch.float32 else precision
+        else:
+            self.amp_dtype = AMP_DTYPES[cfg.amp]
+        weights, self.class_weights_source = resolve_class_weights(cfg.class_weights, self.train_set,
+                                                                   progress=ctx.is_main)
+        self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32,
+                                                                       device=ctx.device) ** cfg.class_weights_power
+        self.ohem = Ohem(cfg.ohem_threshold, cfg.ohem_min_kept) if cfg.ohem else None
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
         self.network: nn.Module = model
         if ctx.world_size > 1:
@@ -154,6 +168,8 @@ class Trainer:
 
         self.iteration = 0
         self.best_miou = -1.0
+        self.last_metrics: Optional[Dict[str, Any]] = None  # of the latest validation, for the pictures
+        self.last_metrics_iteration = 0
         self.history: Dict[str, List[Tuple[float, float]]] = {"loss": [], "lr": [], "val mIoU": []}
         self.stop_signal: Optional[int] = None  # set by the handler of this process's SIGTERM/SIGINT
         self._stop_vote = StopVote(ctx.world_size)
@@ -210,6 +226,8 @@ class Trainer:
         if source == "auto" and not path.is_file():
             return False
         payload = load_checkpoint(path)
+        if self.cfg.time_budget is not None:  # the schedule its probe fixed, not a new one
+            self._set_schedule(int(payload["config"]["iters"]))
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -223,6 +241,102 @@ class Trainer:
             restore_rng_state(states[self.context.rank])
         set_dropblock_progress(self.model, self.iteration / self.cfg.iters)
         return True
+
+    # --- the time budget --------------------------------------------------------------------------------
+
+    def _set_schedule(self, iters: int) -> None:
+        """Re-derive the config for ``iters`` steps (validation and checkpoint intervals) and rebuild the lr
+        schedule; only before the first step."""
+        requested = dataclasses.replace(self._requested, iters=iters, epochs=None)
+        self.cfg = requested.resolved(len(self.train_set), self.context.world_size)
+        self.scheduler = poly_schedule(self.optimizer, self.cfg.iters, self.cfg.poly_power, self.cfg.warmup_iters)
+
+    def _probe_times(self, warmup_steps: int = 2, timed_steps: int = 6, timed_images: int = 4) -> ProbeTimes:
+        """Measure a step, a validation and a checkpoint save on the real model and data, then put back the
+        weights, optimiser, scaler and RNG states, so the run starts as if the probe had not happened."""
+        cfg, ctx = self.cfg, self.context
+        saved_rng = rng_state()
+        saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()),
+                 copy.deepcopy(self.scaler.state_dict()))
+        self.network.train()
+        self.sampler.set_epoch(0)
+        batches = iter(self.loader)
+        step_times = []
+        for _ in range(min(warmup_steps + timed_steps, self.steps_per_epoch)):
+            tick = time.perf_counter()
+            loss = self.train_step(batches)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            loss.item()  # waits for the device
+            step_times.append(time.perf_counter() - tick)
+        # The mean, not the median: a step that waits for data counts (the loader's workers share the cores).
+        step = statistics.mean(step_times[warmup_steps:] or step_times)
+        del batches
+
+        # A validation: after a warm-up pass (first-call costs: kernel choices, padding timings), a few images in
+        # the main process give the cost per image (decoding included, which the real validation's workers
+        # overlap: an overestimate on the safe side); the largest shard decides, plus the workers' start-up.
+        def validation_seconds(count: int) -> float:
+            subset = copy.copy(self.val_set)
+            subset.samples = self.val_set.samples[:count]
+            tick = time.perf_counter()
+            self.last_metrics = evaluate(self.model, subset, ctx.device, self._validation_inference(), workers=0,
+                                         channels_last=cfg.channels_last, progress=False)
+            return time.perf_counter() - tick
+
+        validation_seconds(1)
+        count = min(timed_images, len(self.val_set))
+        per_image = validation_seconds(count) / count
+        validation = per_image * math.ceil(len(self.val_set) / ctx.world_size) + LOADER_START_S
+        self.network.train()
+
+        tick = time.perf_counter()
+        probe_file = self.save("probe.pth")
+        save = time.perf_counter() - tick
+        if probe_file is not None:
+            probe_file.unlink(missing_ok=True)
+
+        tick = time.perf_counter()
+        if ctx.is_main:
+            with tempfile.TemporaryDirectory(dir=self.output_dir) as scratch:
+                self.draw_pictures(Path(scratch))  # all of them: last_metrics holds the probe's validation
+        pictures = time.perf_counter() - tick
+        self.last_metrics = None
+
+        self.model.load_state_dict(saved[0])
+        self.optimizer.load_state_dict(saved[1])
+        self.scaler.load_state_dict(saved[2])
+        restore_rng_state(saved_rng)
+        return ProbeTimes(step=step, validation=validation, save=save, pictures=pictures,
+                          elapsed=time.monotonic() - self.started_at)
+
+    def fit_to_time_budget(self) -> None:
+        """Fix ``iters`` so the run, its validations and checkpoints included, ends within ``cfg.time_budget``
+        minutes (the rank-0 estimate, shared by every rank)."""
+        budget_s = 60.0 * self.cfg.time_budget
+        times = self._probe_times()
+
+        def events_for(iters: int) -> Tuple[int, int]:
+            planned = dataclasses.replace(self._requested, iters=iters, epochs=None).resolved(
+                len(self.train_set), self.context.world_size)
+            return events_of_schedule(iters, planned.eval_every, planned.checkpoint_every)
+
+        try:
+            iters = fit_iterations_to_budget(budget_s, times, events_for)
+        except BudgetTooShortError as error:
+            raise TrainingError(str(error)) from None
+        if self.context.world_size > 1:
+            shared = torch.tensor([iters], dtype=torch.long, device=self.context.device)
+            dist.broadcast(shared, src=0)
+            iters = int(shared.item())
+        self._set_schedule(iters)
+        validations, _ = events_for(iters)
+        if self.context.is_main:
+            print(f"time budget {self.cfg.time_budget:g} min: {times.describe()}, {times.elapsed:.0f} s spent "
+                  f"on start-up and the probe -> {iters} iterations, {validations} validation(s)", flush=True)
+        self.log({"iteration": 0, "time_budget_min": self.cfg.time_budget, "probe_step_s": times.step,
+                  "probe_validation_s": times.validation, "probe_save_s": times.save, "probe_pictures_s": times.pictures,
+                  "probe_elapsed_s": times.elapsed, "iters": iters})
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -262,7 +376,8 @@ class Trainer:
             sync = micro == cfg.accum - 1 or not isinstance(self.network, DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.network.no_sync():
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = segmentation_loss(self.network(image), target, cfg.aux_weight if cfg.aux else 0.0)
+                    loss = segmentation_loss(self.network(image), target, cfg.aux_weight if cfg.aux else 0.0,
+                                             self.class_weights, self.ohem)
                 self.scaler.scale(loss / cfg.accum).backward()
             total += loss.detach()
         return total / cfg.accum
@@ -273,13 +388,22 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(self.output_dir)  # left by a save that was killed; never loaded
         resumed = self.resume(cfg.resume) if cfg.resume else False
+        if cfg.time_budget is not None and not resumed:
+            self.fit_to_time_budget()
+        cfg = self.cfg
         if ctx.is_main:
             start = f"resumed at iteration {self.iteration}" if resumed else "from scratch"
             print(f"training DeepLabV3-{cfg.backbone} on {cfg.dataset} ({len(self.train_set)} train / "
                   f"{len(self.val_set)} val images) {start}; total batch {cfg.total_batch} = {cfg.batch_size} "
                   f"x {ctx.world_size} process(es) x {cfg.accum} accumulation, lr {cfg.lr:g} (heads x"
                   f"{cfg.head_lr_mult:g}), {cfg.iters} iterations ({cfg.epochs} epochs), device {ctx.device}, "
+                  f"{precision_name(self.amp_dtype)}, backbone {resolve_pretrained(cfg) or 'from random init'}, "
                   f"output {self.output_dir}", flush=True)
+            if self.class_weights is not None:
+                shown = ", ".join(f"{name} {w:.2f}" for name, w in zip(self.train_set.classes,
+                                                                         self.class_weights.tolist()))
+                power = f", to the power {cfg.class_weights_power:g}" if cfg.class_weights_power != 1 else ""
+                print(f"class weights ({self.class_weights_source}{power}): {shown}", flush=True)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             return self._loop()
@@ -410,11 +534,16 @@ class Trainer:
         self.finish()
         return {"iteration": self.iteration, "skipped_files": len(self.skipped_files), **metrics}
 
+    def _validation_inference(self) -> InferenceConfig:
+        """Whole images at the training scale (long side = base size), scored at the labels' resolution."""
+        return InferenceConfig(amp_dtype=self.amp_dtype, base_size=self.cfg.base_size)
+
     def validate(self) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.context
-        metrics = evaluate(self.model, self.val_set, ctx.device, InferenceConfig(amp_dtype=self.amp_dtype),
+        metrics = evaluate(self.model, self.val_set, ctx.device, self._validation_inference(),
                            workers=min(cfg.workers, 2), channels_last=cfg.channels_last, progress=ctx.is_main)
         self.history["val mIoU"].append((self.iteration, metrics["mIoU"]))
+        self.last_metrics, self.last_metrics_iteration = metrics, self.iteration
         summary = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
         self.log({"iteration": self.iteration, **summary,
                   "per_class_IoU": {k: v["IoU"] for k, v in metrics["per_class"].items()}})
@@ -426,19 +555,43 @@ class Trainer:
         self.model.train()
         return metrics
 
-    def finish(self) -> None:
-        """Curves and a prediction overlay, for people to look at."""
-        if not self.context.is_main:
-            return
-        save_training_curves(self.history, self.output_dir / "curves.png")
+    def draw_pictures(self, directory: Path) -> List[str]:
+        """The pictures people judge a run by, into ``directory``: training curves, the last validation's per-class
+        IoU and confusion matrix, and image | ground truth | prediction for the first validation image (plus its
+        overlay). Returns the file names written."""
+        names = ["curves.png"]
+        save_training_curves(self.history, directory / "curves.png")
+        if self.last_metrics is not None:
+            per_class = {name: values["IoU"] for name, values in self.last_metrics["per_class"].items()}
+            title = f"validation at iteration {self.last_metrics_iteration}"
+            save_per_class_iou(per_class, directory / "per_class_iou.png", title=title)
+            save_confusion_matrix(self.last_metrics["confusion_matrix"], self.val_set.classes,
+                                  directory / "confusion_matrix.png")
+            names += ["per_class_iou.png", "confusion_matrix.png"]
         sample = self.val_set.load(0)
+        was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
             image = eval_transforms()(sample)["image"][None].to(self.context.device)
-            prediction = self.model(image).argmax(1)[0].cpu().numpy()
-        overlay(sample["image"], prediction, self.val_set.palette).save(self.output_dir / "prediction_overlay.png")
+            probabilities = predict_probabilities(self.model, image, self._validation_inference())
+            prediction = probabilities.argmax(1)[0].cpu().numpy()
+        self.model.train(was_training)
+        save_prediction_panels(sample["image"], prediction, self.val_set.palette, self.val_set.classes,
+                               directory / "prediction_panels.png", ground_truth=sample["mask"],
+                               title=f"{Path(sample['path']).name}, iteration {self.iteration}")
+        overlay(sample["image"], prediction, self.val_set.palette).save(directory / "prediction_overlay.png")
+        return names + ["prediction_panels.png", "prediction_overlay.png"]
+
+    def finish(self) -> None:
+        """The pictures and the closing summary (rank 0)."""
+        if not self.context.is_main:
+            return
+        pictures = self.draw_pictures(self.output_dir)
         if self.skipped_files:
             print(f"skipped {len(self.skipped_files)} unreadable training file(s) (--skip-bad-samples); they are "
                   f"listed in {self.output_dir / 'log.jsonl'}", flush=True)
+        if self.cfg.time_budget is not None:
+            elapsed = time.monotonic() - self.started_at
+            print(f"finished in {elapsed / 60:.2f} of the {self.cfg.time_budget:g} min budget", flush=True)
         print(f"best validation mIoU {100 * self.best_miou:.2f}; wrote {self.output_dir / 'best.pth'}, "
-              f"{self.output_dir / 'last.pth'}, curves.png, prediction_overlay.png, log.jsonl", flush=True)
+              f"{self.output_dir / 'last.pth'}, {', '.join(pictures)}, log.jsonl", flush=True)

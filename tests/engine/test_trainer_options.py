@@ -1,0 +1,63 @@
+"""Trainer options of the from-scratch work: class weights reach the loss, --amp auto, validation at the training
+scale."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seg.config import build_config
+from seg.engine.precision import resolve_precision
+from seg.engine.trainer import Trainer
+
+TINY = {"dataset": "toy", "iters": 2, "batch_size": 2, "crop_size": 48, "base_size": 64, "workers": 0,
+        "val_limit": 2, "device": "cpu"}
+
+
+def _trainer(tmp_path, **settings) -> Trainer:
+    return Trainer(build_config({**TINY, "output_dir": str(tmp_path / "run"), **settings}))
+
+
+def test_class_weights_file_and_power_reach_the_loss(tmp_path, monkeypatch):
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps([1.0, 4.0, 9.0, 16.0]))
+    trainer = _trainer(tmp_path, class_weights=str(weights), class_weights_power=0.5)
+    assert trainer.class_weights.tolist() == [1.0, 2.0, 3.0, 4.0]
+    seen = {}
+
+    def spy(outputs, target, aux_weight, class_weights=None, ohem=None):
+        seen["weights"] = class_weights
+        return outputs[0].float().mean() if isinstance(outputs, tuple) else outputs.float().mean()
+
+    monkeypatch.setattr("seg.engine.trainer.segmentation_loss", spy)
+    trainer.train_step(iter(trainer.loader))
+    assert seen["weights"].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_amp_auto_follows_the_hardware(tmp_path):
+    trainer = _trainer(tmp_path, amp="auto")
+    expected = resolve_precision("auto", torch.device("cpu"))
+    assert trainer.amp_dtype == (None if expected == torch.float32 else expected)
+
+
+def test_validation_runs_at_the_training_base_size(tmp_path):
+    trainer = _trainer(tmp_path, base_size=80)
+    sizes = []
+    handle = trainer.model.register_forward_pre_hook(lambda module, inputs: sizes.append(tuple(inputs[0].shape[-2:])))
+    try:
+        metrics = trainer.validate()
+    finally:
+        handle.remove()
+    assert sizes and all(max(size) == 80 for size in sizes)  # toy images are 128x128: resized to the base size
+    # ...and scored at the labels' own resolution.
+    assert int(torch.as_tensor(metrics["confusion_matrix"]).sum()) == 2 * 128 * 128
+
+
+@pytest.mark.parametrize("power", [-1.0, float("nan")])
+def test_bad_power_is_named(power):
+    from seg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--class-weights-power"):
+        build_config({**TINY, "class_weights_power": power})
