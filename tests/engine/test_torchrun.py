@@ -19,6 +19,7 @@ import torch
 from seg.data import build_dataset, eval_transforms
 from seg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from seg.engine.evaluator import evaluate
+from seg.engine.inference import InferenceConfig
 from seg.engine.trainer import TEST_CRASH_VARIABLE
 
 
@@ -54,7 +55,9 @@ def test_two_process_run_and_sharded_validation(two_process_run):
     assert len(payload["rng"]) == 2  # each rank's RNG state, for exact resume
     dataset = build_dataset("toy", "val", transforms=eval_transforms())
     dataset.samples = dataset.samples[:7]
-    single = evaluate(model_from_checkpoint(payload), dataset, torch.device("cpu"), workers=0, progress=False)
+    at_training_scale = InferenceConfig(base_size=payload["config"]["base_size"])  # as validation runs
+    single = evaluate(model_from_checkpoint(payload), dataset, torch.device("cpu"), at_training_scale, workers=0,
+                      progress=False)
     assert logged[0]["pixAcc"] == pytest.approx(single["pixAcc"], abs=1e-12)
     assert logged[0]["mIoU"] == pytest.approx(single["mIoU"], abs=1e-12)
 

@@ -45,7 +45,8 @@ def test_amp_auto_follows_the_hardware(tmp_path):
 def test_validation_runs_at_the_training_base_size(tmp_path):
     trainer = _trainer(tmp_path, base_size=80)
     sizes = []
-    handle = trainer.model.register_forward_pre_hook(lambda module, inputs: sizes.append(tuple(inputs[0].shape[-2:])))
+    first_conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = first_conv.register_forward_pre_hook(lambda module, inputs: sizes.append(tuple(inputs[0].shape[-2:])))
     try:
         metrics = trainer.validate()
     finally:
