@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from seg.cli import ArgumentParser, int_in_range  # noqa: E402
-from seg.data import DataError, build_dataset, eval_transforms  # noqa: E402
+from seg.data import IGNORE_INDEX, DataError, build_dataset, eval_transforms  # noqa: E402
 from seg.engine.metrics import ConfusionMatrix  # noqa: E402
 
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "camvid"
@@ -68,7 +68,6 @@ BASE_LR = 0.02
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 POLY_POWER = 0.9
-IGNORE_INDEX = 255
 REFERENCE_NAME = f"smp DeepLabV3 {ENCODER} (scratch), {SIZE[0]}x{SIZE[1]}, SGD {BASE_LR} poly"
 
 
