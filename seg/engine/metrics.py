@@ -51,7 +51,8 @@ class ConfusionMatrix:
 
 
 def metrics_from_confusion(matrix: np.ndarray, class_names: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """pixAcc, mIoU, mAcc, fwIoU, mIoU_all_classes and per-class IoU/accuracy from a confusion matrix."""
+    """pixAcc, mIoU, mAcc, fwIoU, mIoU_all_classes, per-class IoU/accuracy and ``pixels`` (the labelled pixels
+    counted: unlike the ratios, it shows whether every image was counted once) from a confusion matrix."""
     matrix = np.asarray(matrix, dtype=np.int64)
     num_classes = matrix.shape[0]
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
@@ -71,6 +72,7 @@ def metrics_from_confusion(matrix: np.ndarray, class_names: Optional[Sequence[st
         "mAcc": float(np.nanmean(accuracy)) if (ground_truth > 0).any() else float("nan"),
         "fwIoU": float(np.nansum(frequency * np.nan_to_num(iou))),
         "mIoU_all_classes": float(np.nan_to_num(iou).mean()),
+        "pixels": int(labelled),
         "per_class": {
             name: {"IoU": float(iou[i]), "Acc": float(accuracy[i]), "pixels": int(ground_truth[i])}
             for i, name in enumerate(names)

@@ -5,6 +5,9 @@ The step runs in float64. In float32 the losses already agree to 1e-7, but at th
 (6x6 in the dilated stages) BatchNorm amplifies rounding: the two float32 computations of the same step differ
 by up to ~3 % on a few gradients, in both directions, while in float64 they agree to ~1e-7 relative. float64
 shows the arithmetic is the same; float32 would only measure the conditioning of a 48x48 toy input.
+
+This builds its own step from seg's parts; that ``seg.train`` itself converts its model and reaches the same
+weights under ``torchrun`` is tested in test_torchrun.py.
 """
 
 from __future__ import annotations
