@@ -1,5 +1,5 @@
-"""Bad input to the inference and data CLIs: one line on stderr naming the flag or file and what was expected,
-exit status 2, no traceback, and nothing heavy built first.
+"""Bad input to the inference, training and data CLIs: one line on stderr naming the flag or file and what was
+expected, exit status 2, no traceback, and nothing heavy built first.
 
 Each case calls the CLI's ``main(argv)`` in-process (cheap); one test runs real processes to show what a user
 sees. Checkpoints here are small fakes: every mistake must be caught before a model is built.
@@ -72,6 +72,7 @@ def files(tmp_path_factory) -> Dict[str, Path]:
     made["a_file"] = root / "a_file"
     made["a_file"].write_text("I am a file")
     made["missing"] = root / "missing"
+    made["train_output"] = root / "train_output"  # train creates it before it meets a missing --resume
     return made
 
 
@@ -133,6 +134,10 @@ CASES = CHECKPOINT_CASES + [
     pytest.param("train", ["--dataset", "coco"], ["--dataset 'coco' is unknown", "ade20k, camvid"],
                  id="train-unknown-dataset"),
     pytest.param("train", ["--amp", "fp8"], ["--amp", "'fp8'", "bf16"], id="train-unknown-amp"),
+    pytest.param("train", ["--backbone", "resnest51", "--output-dir", "{train_output}"],
+                 ["--backbone 'resnest51' is unknown", "resnest50,"], id="train-unknown-backbone"),
+    pytest.param("train", ["--crop-size", "0", "--output-dir", "{train_output}"], ["--crop-size must be positive"],
+                 id="train-crop-size-0"),
     pytest.param("bench", ["--threads", "x"], ["--threads", "invalid int value: 'x'"], id="bench-threads-not-a-number"),
     pytest.param("eval", [*EVAL, "--no-such-flag"], ["unrecognized arguments: --no-such-flag"],
                  id="eval-unknown-flag"),
@@ -143,6 +148,8 @@ CASES = CHECKPOINT_CASES + [
                  ["classes.txt: class list not found"], id="eval-empty-root"),
     pytest.param("eval", [*EVAL, "--dataset", "folder", "--data-root", "{empty_splits}"],
                  ["folder val split has no samples under", "empty_splits"], id="eval-empty-split"),
+    pytest.param("train", ["--dataset", "ade20k", "--data-root", "{missing}", "--output-dir", "{train_output}"],
+                 ["ade20k data not found at {missing}"], id="train-missing-root"),
     pytest.param("data", ["check", "--dataset", "camvid", "--data-root", "{missing}"],
                  ["camvid data not found at", "missing"], id="data-missing-root"),
     pytest.param("data", ["check", "--dataset", "folder", "--data-root", "{empty_root}"],
@@ -201,9 +208,17 @@ def test_bad_input_is_one_line_exit_2(cli, argv, expected, files, capsys):
     assert time.perf_counter() - started < 20, "the mistake must be caught before anything heavy runs"
 
 
+def test_train_resume_of_a_missing_checkpoint_is_one_line(files, capsys):
+    # The one mistake found after the model is built (the run resumes once it is set up), hence not in CASES.
+    line = one_line_error("train", ["--resume", str(files["missing"] / "last.pth"), "--backbone", "resnest14",
+                                    "--output-dir", str(files["train_output"])], capsys)
+    assert f"checkpoint {files['missing'] / 'last.pth'} does not exist" in line
+
+
 def test_the_same_mistakes_as_processes_print_no_traceback(files):
     """Real processes, side by side (each mostly imports torch): stderr is exactly one line, exit status 2.
-    (``python -m seg.data check`` runs as a process in tests/data/test_check.py.)"""
+    (``python -m seg.data check`` runs as a process in tests/data/test_check.py, ``python -m seg.train`` with a
+    mistake in tests/engine/test_faults.py and test_training.py.)"""
     commands = {
         "eval": ["seg.eval", "--checkpoint", str(files["text"]), "--dataset", "toy", "--workers", "0"],
         "predict": ["seg.predict", str(files["image"]), "--checkpoint", str(files["four_classes"]), "--out",

@@ -1,4 +1,10 @@
-"""``from seg import Segmenter`` and ``python -m seg.predict``: any image input in, a mask at its size out."""
+"""``from seg import Segmenter`` and ``python -m seg.predict``: any image input in, a mask at its size out.
+
+Predictions are judged on the discriminating fixture model (tests/discriminating_model.py: several confident
+classes per image, dependent on colour, intensity scale, position and scale) against a reference written out in
+that module: the plain float32 model with the normalisation spelled out. Segmenters run in fp32, so their
+probabilities match the reference to float rounding; bf16 is judged in tests/engine/test_precision.py.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +19,21 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import seg.predictor
+from discriminating_model import (CLASSES, PALETTE_ARRAY, assert_mask_matches, normalise, reference_model,
+                                  reference_probabilities)
 from seg import Segmenter
 from seg.data import build_dataset
 from seg.data.io import ImageTooLargeError
-from seg.engine.inference import InferenceConfig, predict_probabilities, window_starts
+from seg.engine.inference import window_starts
 from seg.predictor import tile_spans
+
+# |segmenter - reference| in probability: batch norm folded, channels_last and another summation order; measured
+# differences are up to 2e-5, a fifth of this, and any real fault moves probabilities by tenths.
+PROBABILITY_TOLERANCE = 1e-4
 
 
 def blank_png(path, width: int, height: int):
@@ -46,84 +59,180 @@ def context_model(classes: int = 3) -> torch.nn.Module:
                                torch.nn.Conv2d(8, classes, 5, padding=2)).eval()
 
 
+def toy_image(index: int) -> np.ndarray:
+    """Toy val scene ``index``: (128, 128, 3) uint8 RGB."""
+    return build_dataset("toy", "val").load(index)["image"]
+
+
+def assert_probabilities_match(actual: np.ndarray, expected: np.ndarray, label: str = "") -> None:
+    assert actual.dtype == np.float32 and actual.shape == expected.shape, (label, actual.dtype, actual.shape)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=PROBABILITY_TOLERANCE, err_msg=label)
+
+
 @pytest.fixture(scope="module")
-def segmenter(tiny_training_run):
-    output, _ = tiny_training_run
-    return Segmenter.from_checkpoint(output / "best.pth", device="cpu")
+def segmenter(discriminating_checkpoint):
+    return Segmenter.from_checkpoint(discriminating_checkpoint, device="cpu", precision="fp32")
 
 
-def test_every_input_kind_gives_the_same_mask(segmenter, tmp_path):
-    image = build_dataset("toy", "val").load(0)["image"]
-    path = tmp_path / "scene.png"
+@pytest.fixture(scope="module")
+def reference(discriminating_checkpoint):
+    """The checkpoint's model as plain float32 eval PyTorch (tests/discriminating_model.py)."""
+    return reference_model(discriminating_checkpoint)
+
+
+def test_every_input_kind_gives_the_reference_mask(segmenter, reference, tmp_path):
+    image = toy_image(0)
+    expected = reference_probabilities(reference, image)
+    assert_probabilities_match(segmenter.predict_proba(image), expected, "uint8 RGB array")
+    mask = segmenter.predict(image)
+    assert mask.dtype == np.uint8
+    assert_mask_matches(mask, expected, "uint8 RGB array")
+    assert len(np.unique(mask)) >= 3  # the comparisons below are between varied masks
+    path = tmp_path / "scene.png"  # lossless: the file decodes to the array's pixels
     Image.fromarray(image).save(path)
-    expected = segmenter.predict(image)
-    assert expected.shape == image.shape[:2] and expected.dtype == np.uint8
-    inputs = [str(path), path, Image.fromarray(image), Image.fromarray(image).convert("RGBA"),
-              torch.from_numpy(image).permute(2, 0, 1), image.astype(np.float32) / 255.0]
-    for value in inputs:
-        assert np.array_equal(segmenter.predict(value), expected), type(value)
-    gray = segmenter.predict(image[..., 0])
-    assert gray.shape == image.shape[:2]
-    assert segmenter.classes == ("background", "disc", "box", "stripe")
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 77, np.uint8)], axis=2)
+    colour_inputs = {
+        "str path": str(path), "Path": path, "PIL RGB": Image.fromarray(image),
+        "PIL RGBA": Image.fromarray(rgba), "uint8 RGBA array": rgba,
+        "uint8 (3, H, W) tensor": torch.from_numpy(image).permute(2, 0, 1),
+        "float32 array in [0, 1]": image.astype(np.float32) / 255.0,
+        "float64 array in [0, 1]": image / 255.0,
+        "float (3, H, W) tensor in [0, 1]": torch.from_numpy(image).permute(2, 0, 1).float() / 255.0,
+        "non-contiguous view": np.ascontiguousarray(image[:, ::-1])[:, ::-1],
+    }
+    for label, value in colour_inputs.items():
+        # The same pixels reach the network whatever the container: the same mask, bit for bit.
+        assert np.array_equal(segmenter.predict(value), mask), label
+        assert_probabilities_match(segmenter.predict_proba(value), expected, label)
+    # An array is taken as RGB, never guessed to be BGR: swapped channels are another picture, predicted as such.
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    assert_mask_matches(segmenter.predict(bgr), reference_probabilities(reference, bgr), "BGR array")
+    gray = image[..., 1]
+    gray_expected = reference_probabilities(reference, np.repeat(gray[..., None], 3, axis=2))
+    gray_inputs = {"(H, W) uint8": gray, "(H, W, 1) uint8": gray[..., None], "PIL L": Image.fromarray(gray),
+                   "(H, W) tensor": torch.from_numpy(gray), "(H, W) float in [0, 1]": gray / 255.0}
+    for label, value in gray_inputs.items():
+        assert_probabilities_match(segmenter.predict_proba(value), gray_expected, label)
+    assert segmenter.classes == CLASSES
 
 
-def test_probabilities_batches_and_pictures(segmenter):
-    dataset = build_dataset("toy", "val")
-    images = [dataset.load(i)["image"][: 40 + 7 * i, : 50 + 3 * i] for i in range(3)]
+def ms_reference(model, rgb: np.ndarray, scales, base_size: int, crop: int) -> np.ndarray:
+    """Multi-scale + flip where every scaled view fits in one window, written out: resize so the long side is
+    ceil(base_size x scale), pad bottom/right to the crop with zeros (the mean colour), average the softmax of
+    the view and the flipped-back softmax of its mirror, crop, resize back, average over scales."""
+    height, width = rgb.shape[:2]
+    image = normalise(rgb)
+    total = torch.zeros(1, model.num_classes, height, width)
+    with torch.no_grad():
+        for scale in scales:
+            factor = np.ceil(base_size * scale) / max(height, width)
+            size = (int(height * factor + 0.5), int(width * factor + 0.5))
+            assert max(size) <= crop, "the view must fit one window for this reference"
+            view = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+            padded = F.pad(view, (0, crop - size[1], 0, crop - size[0]))
+            both = (model(padded).softmax(1) + model(padded.flip(-1)).softmax(1).flip(-1)) / 2
+            total += F.interpolate(both[:, :, : size[0], : size[1]], size=(height, width), mode="bilinear",
+                                   align_corners=True)
+    return (total / len(scales))[0].numpy()
+
+
+def test_probabilities_batches_and_pictures(segmenter, reference):
+    images = [toy_image(i)[: 40 + 7 * i, : 50 + 3 * i] for i in range(3)]
+    expected = [reference_probabilities(reference, image) for image in images]
     probabilities = segmenter.predict_proba(images[0])
-    assert probabilities.shape == (4, 40, 50) and np.allclose(probabilities.sum(0), 1, atol=1e-5)
+    assert_probabilities_match(probabilities, expected[0])
+    assert np.allclose(probabilities.sum(0), 1, atol=1e-5)
     masks = segmenter.predict_batch(images)
     assert [m.shape for m in masks] == [(40, 50), (47, 53), (54, 56)]
+    for index, (mask, reference_probability) in enumerate(zip(masks, expected)):
+        assert_mask_matches(mask, reference_probability, f"batch image {index}")
     assert np.array_equal(masks[0], probabilities.argmax(0))
-    ms = segmenter.predict(images[1], ms_flip=True, scales=(0.75, 1.0))
-    assert ms.shape == (47, 53)
-    assert segmenter.colorize(masks[0]).size == (50, 40)
-    assert segmenter.overlay(images[0], masks[0]).mode == "RGB"
+    # Multi-scale + flip, at scales where each view fits one training crop (96) of the long side 128 x scale.
+    assert (segmenter.crop_size, segmenter.base_size) == (96, 128)
+    ms_expected = ms_reference(reference, images[1], (0.5, 0.75), 128, 96)
+    assert_probabilities_match(segmenter.predict_proba(images[1], ms_flip=True, scales=(0.5, 0.75)), ms_expected)
+    ms = segmenter.predict(images[1], ms_flip=True, scales=(0.5, 0.75))
+    assert_mask_matches(ms, ms_expected, "multi-scale + flip")
+    assert (ms != masks[1]).mean() > 0.02  # the views changed the answer: they were not skipped
+    assert np.array_equal(np.asarray(segmenter.colorize(masks[0])), PALETTE_ARRAY[masks[0]])
+    overlay = np.asarray(segmenter.overlay(images[0], masks[0]), np.float32)
+    blend = 0.5 * images[0].astype(np.float32) + 0.5 * PALETTE_ARRAY[masks[0]]
+    assert overlay.shape == blend.shape and np.abs(overlay - blend).max() <= 1
 
 
-def test_threads_share_one_segmenter(segmenter):
-    image = build_dataset("toy", "val").load(1)["image"]
-    expected = segmenter.predict(image)
-    results = [None] * 4
+def test_threads_predicting_different_images_each_get_their_own_answer(segmenter, reference, monkeypatch):
+    """One Segmenter, four threads, four different images of one size (so a buffer or cache shared between calls
+    would be reused), each predicting its image twice; every answer is its own image's.
+
+    Every network pass waits until all threads have prepared their inputs, so state that one call keeps from its
+    preprocessing to its network pass (an input buffer on the Segmenter) is overwritten every time, not by chance.
+    """
+    images = [toy_image(i) for i in range(4)]
+    expected = [reference_probabilities(reference, image) for image in images]
+    masks = [probabilities.argmax(0) for probabilities in expected]
+    assert all((masks[i] != masks[j]).mean() > 0.1 for i in range(4) for j in range(i))  # different answers
+    results = {}
+    start = threading.Barrier(len(images))
+    inputs_ready = threading.Barrier(len(images))
+    original = seg.predictor.predict_probabilities
+
+    def after_every_thread_prepared_its_input(model, batch, config):
+        try:
+            inputs_ready.wait(timeout=5)
+        except threading.BrokenBarrierError:
+            pass  # a Segmenter that serialises its calls (a lock) never lets the threads meet here: go on
+        return original(model, batch, config)
+
+    monkeypatch.setattr(seg.predictor, "predict_probabilities", after_every_thread_prepared_its_input)
 
     def work(slot):
-        results[slot] = segmenter.predict(image)
+        start.wait()
+        for round_ in range(2):
+            results[slot, round_] = segmenter.predict_proba(images[slot]), segmenter.predict(images[slot])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
-    assert all(np.array_equal(r, expected) for r in results)
+        thread.join(timeout=300)
+    assert len(results) == 2 * len(images)
+    for (slot, round_), (probabilities, mask) in sorted(results.items()):
+        label = f"thread {slot}, call {round_}"
+        assert_probabilities_match(probabilities, expected[slot], label)
+        assert_mask_matches(mask, expected[slot], label)
 
 
-def test_predict_cli_writes_masks_and_reports_bad_inputs(tiny_training_run, tmp_path):
-    output, _ = tiny_training_run
+def test_predict_cli_writes_masks_and_reports_bad_inputs(discriminating_checkpoint, reference, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    dataset = build_dataset("toy", "val")
-    for i in range(2):
-        Image.fromarray(dataset.load(i)["image"]).save(inputs / f"img{i}.jpg")
-    Image.fromarray(dataset.load(2)["image"]).save(inputs / "café_日本.png")  # a non-ASCII name, end to end
+    images = {"img0.jpg": toy_image(0), "img1.png": toy_image(1), "café_日本.png": toy_image(2)}
+    for name, image in images.items():  # a non-ASCII name, end to end
+        Image.fromarray(image).save(inputs / name, **({"quality": 95} if name.endswith(".jpg") else {}))
     (inputs / "broken.png").write_bytes(b"not an image")
     blank_png(inputs / "bomb.png", 20000, 20000)
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "seg.predict", str(inputs), "--checkpoint",
-                             str(output / "best.pth"), "--out", str(tmp_path / "out"), "--overlay", "--proba"],
-                            capture_output=True, text=True, timeout=300)
+                             str(discriminating_checkpoint), "--out", str(tmp_path / "out"), "--overlay", "--proba",
+                             "--precision", "fp32", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "broken.png" in result.stderr and "Traceback" not in result.stderr
     assert f"{inputs / 'bomb.png'}: image is 20000x20000 (400.0 megapixels), above the limit of 100 megapixels" \
         in result.stderr
     assert time.perf_counter() - started < 120
     assert "wrote 3 mask(s)" in result.stdout
-    assert Image.open(tmp_path / "out" / "café_日本.png").size == (128, 128)
-    assert (tmp_path / "out" / "café_日本_overlay.png").is_file()
     assert not (tmp_path / "out" / "bomb.png").exists()
-    mask = Image.open(tmp_path / "out" / "img0.png")
-    assert mask.mode == "P" and mask.size == (128, 128)
-    assert np.load(tmp_path / "out" / "img1_proba.npy").shape == (4, 128, 128)
-    assert (tmp_path / "out" / "img1_overlay.png").is_file()
+    for name, image in images.items():
+        stem = name.rsplit(".", 1)[0]
+        # The JPEG's pixels as decoded by Pillow (libjpeg-turbo, like OpenCV): the network's input.
+        decoded = np.asarray(Image.open(inputs / name).convert("RGB"))
+        expected = reference_probabilities(reference, decoded)
+        mask = Image.open(tmp_path / "out" / f"{stem}.png")
+        assert mask.mode == "P" and mask.size == (128, 128)
+        assert_mask_matches(np.asarray(mask), expected, name)
+        assert_probabilities_match(np.load(tmp_path / "out" / f"{stem}_proba.npy"), expected, name)
+        overlay = np.asarray(Image.open(tmp_path / "out" / f"{stem}_overlay.png"), np.float32)
+        blend = 0.5 * decoded.astype(np.float32) + 0.5 * PALETTE_ARRAY[np.asarray(mask)]
+        assert np.abs(overlay - blend).max() <= 1, name
 
 
 def test_blank_png_is_a_valid_image(tmp_path):
@@ -148,11 +257,27 @@ def test_tile_spans_reproduce_the_windows_of_one_slide_pass(crop, stride):
                 assert covering <= set(local), (length, position)  # and all windows over its outputs
 
 
-def test_large_images_slide_tile_by_tile_and_equal_one_slide_pass(monkeypatch):
-    model = context_model()
-    segmenter = Segmenter(model, ["a", "b", "c"], np.zeros((3, 3), np.uint8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                          device="cpu", crop_size=24, max_whole_pixels=64 * 64)
-    image = np.random.default_rng(0).integers(0, 256, (131, 157, 3), dtype=np.uint8)
+def slide_reference(model, rgb: np.ndarray, crop: int, stride: int) -> np.ndarray:
+    """One slide pass written out (the image larger than a crop both ways, so no padding): the softmax of every
+    ``crop`` window on the stride grid with the last window flush with the border, averaged where they overlap."""
+    image = normalise(rgb)
+    height, width = rgb.shape[:2]
+    total = torch.zeros(1, model.num_classes, height, width)
+    counts = torch.zeros(1, 1, height, width)
+    with torch.no_grad():
+        for y in window_starts(height, crop, stride):
+            for x in window_starts(width, crop, stride):
+                total[..., y : y + crop, x : x + crop] += model(image[..., y : y + crop, x : x + crop]).softmax(1)
+                counts[..., y : y + crop, x : x + crop] += 1
+    return (total / counts)[0].numpy()
+
+
+def test_large_images_slide_tile_by_tile_and_equal_one_slide_pass(discriminating_checkpoint, reference,
+                                                                   monkeypatch):
+    crop = 32
+    segmenter = Segmenter.from_checkpoint(discriminating_checkpoint, device="cpu", crop_size=crop,
+                                          max_whole_pixels=64 * 64, precision="fp32")
+    image = np.asarray(Image.fromarray(toy_image(3)).resize((157, 131), Image.BILINEAR))
     tiles = []
     original = seg.predictor.predict_probabilities
 
@@ -163,14 +288,14 @@ def test_large_images_slide_tile_by_tile_and_equal_one_slide_pass(monkeypatch):
     monkeypatch.setattr(seg.predictor, "predict_probabilities", recording)
     probabilities, mask = segmenter.predict_proba(image), segmenter.predict(image)
     # 131 x 157 > 64 x 64: slide, in tiles of at most 3 crops (4 windows at the 2/3-crop stride) a side.
-    assert len(tiles) > 2 and all(mode == "slide" and max(size) <= 3 * 24 for size, mode in tiles)
-    reference = original(segmenter.model, segmenter._tensor(image), InferenceConfig(mode="slide", crop_size=24))[0]
-    np.testing.assert_allclose(probabilities, reference.numpy(), rtol=0, atol=1e-6)
-    assert np.array_equal(mask, reference.argmax(0).numpy())
+    assert len(tiles) > 2 and all(mode == "slide" and max(size) <= 3 * crop for size, mode in tiles)
+    expected = slide_reference(reference, image, crop, stride=2 * crop // 3)  # the documented default stride
+    assert_probabilities_match(probabilities, expected, "tiled slide")
+    assert_mask_matches(mask, expected, "tiled slide")
+    assert len(np.unique(mask)) >= 3
     tiles.clear()
     small = image[:60, :60]
-    np.testing.assert_allclose(segmenter.predict_proba(small),
-                               original(segmenter.model, segmenter._tensor(small), InferenceConfig())[0].numpy())
+    assert_probabilities_match(segmenter.predict_proba(small), reference_probabilities(reference, small), "whole")
     assert tiles == [((60, 60), "whole")]  # up to max_whole_pixels: one whole-image pass, as before
 
 

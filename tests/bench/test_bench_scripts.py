@@ -21,7 +21,16 @@ def test_data_pipeline_bench_prints_its_table(shared, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| ADE20K 683x512 JPEG, crop 512" in result.stdout and "| Cityscapes 2048x1024 PNG" in result.stdout
     rows = json.loads(out.read_text())
-    assert len(rows) == 2 and all(row["seg"] > 0 and row["decode_only"] > 0 for row in rows)
+    assert [row["case"] for row in rows] == [line.split("|")[1].strip() for line in result.stdout.splitlines()
+                                             if line.startswith("| ADE20K") or line.startswith("| Cityscapes")]
+    for row in rows:  # the ratios are the quotients of the rates, and the table prints the report's numbers
+        assert row["seg_vs_decode"] == row["seg"] / row["decode_only"]
+        assert row["seg_no_retry_vs_reference"] == row["seg_no_retry"] / row["albumentations_reference"]
+        printed = next(line for line in result.stdout.splitlines() if line.startswith(f"| {row['case']} "))
+        cells = [cell.strip() for cell in printed.split("|")[2:-1]]
+        assert cells == [f"{row[key]:.1f}" for key in ("decode_only", "seg", "seg_no_retry",
+                                                       "albumentations_reference")] + [
+            f"{row['seg_vs_decode']:.2f}", f"{row['seg_no_retry_vs_reference']:.2f}"]
 
 
 def test_data_pipeline_bench_names_a_missing_data_folder(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_TRAINING as TINY
+from conftest import call_unprivileged
 
 from seg.engine.checkpoint import CheckpointError, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from seg.train import main as train_main
@@ -196,22 +197,18 @@ def test_a_read_only_filesystem_is_reported_with_the_file(small_checkpoint, monk
     assert load_checkpoint(small_checkpoint)["iteration"] == 7
 
 
-def test_a_folder_that_is_a_file_or_read_only_is_reported(tmp_path):
+def test_a_folder_that_is_a_file_or_read_only_is_reported(tmp_path, folders_for_nobody):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the output folder should be")
     with pytest.raises(CheckpointError, match=f"cannot write checkpoint {blocker / 'last.pth'}: "):
         save_checkpoint({"iteration": 1}, blocker / "last.pth")
-    if os.geteuid() == 0:
-        return  # root ignores directory permissions; the in-process EROFS test above covers this case
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        with pytest.raises(CheckpointError, match="Permission denied"):
-            save_checkpoint({"iteration": 1}, locked / "last.pth")
-        assert list(locked.iterdir()) == []
-    finally:
-        locked.chmod(0o755)
+    # As a user (root ignores directory permissions): the control saves where that user may write.
+    writable, locked = folders_for_nobody
+    assert call_unprivileged(save_checkpoint, {"iteration": 1}, writable / "last.pth") == writable / "last.pth"
+    assert load_checkpoint(writable / "last.pth")["iteration"] == 1
+    with pytest.raises(CheckpointError, match=f"cannot write checkpoint {locked / 'last.pth'}: Permission denied$"):
+        call_unprivileged(save_checkpoint, {"iteration": 1}, locked / "last.pth")
+    assert list(locked.iterdir()) == []
 
 
 def test_partial_files_are_removed_and_never_loaded_as_checkpoints(small_checkpoint):

@@ -5,7 +5,6 @@ under ``torchrun``: test_torchrun.py.)"""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import statistics
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TRAINING as TINY
+from conftest import call_unprivileged
 from PIL import Image
 from test_training import logged_iterations, train
 
@@ -104,21 +104,20 @@ def test_an_unwritable_output_dir_fails_before_training(tmp_path):
     assert time.monotonic() - started < 60  # seconds, not a training run's worth of time
 
 
-def test_output_dir_checks_name_the_flag(tmp_path):
+def test_output_dir_checks_name_the_flag(tmp_path, folders_for_nobody):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(CheckpointError, match=f"--output-dir {blocker} is a file, not a directory"):
         ensure_writable_directory(blocker, label="--output-dir")
-    if os.geteuid() == 0:
-        return  # root writes into read-only folders; the subprocess test above covers an unwritable path
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        with pytest.raises(CheckpointError, match=f"--output-dir {locked / 'run'} is not writable: Permission"):
-            ensure_writable_directory(locked / "run", label="--output-dir")
-    finally:
-        locked.chmod(0o755)
+    # As a user (root ignores directory permissions): the control passes where that user may write; the locked
+    # folder fails both as a folder to create inside it and as an existing one (found by writing a probe file).
+    writable, locked = folders_for_nobody
+    call_unprivileged(ensure_writable_directory, writable / "run", "--output-dir")
+    assert (writable / "run").is_dir() and list((writable / "run").iterdir()) == []
+    for unwritable in (locked / "run", locked):
+        with pytest.raises(CheckpointError, match=f"--output-dir {unwritable} is not writable: Permission denied$"):
+            call_unprivileged(ensure_writable_directory, unwritable, "--output-dir")
+    assert list(locked.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------- corrupt images

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from seg.engine.inference import InferenceConfig, class_probabilities, predict_probabilities, window_starts
+from seg.engine.inference import MS_SCALES, InferenceConfig, class_probabilities, predict_probabilities, window_starts
 from seg.models import build_segmentor
 
 
@@ -23,12 +27,32 @@ class Pointwise(nn.Module):
         return self.conv(x) * self.scale
 
 
+def mmseg_window_starts(length: int, crop: int, stride: int) -> list:
+    """mmsegmentation's slide_inference grid along one axis, as it writes it: ceil((length - crop) / stride) + 1
+    windows every ``stride``, each clamped to end inside the axis (a shorter axis is padded to ``crop`` first)."""
+    length = max(length, crop)
+    grids = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(index * stride + crop, length) - crop, 0) for index in range(grids)]
+
+
+def encoding_scaled_size(height: int, width: int, scale: float, base_size: int) -> tuple:
+    """PyTorch-Encoding's MultiEvalModule resize, as it writes it: the long side ceil(base_size x scale), the
+    short side in proportion, rounded half up."""
+    long_size = int(math.ceil(base_size * scale))
+    if height > width:
+        return long_size, int(1.0 * width * long_size / height + 0.5)
+    return int(1.0 * height * long_size / width + 0.5), long_size
+
+
 def test_window_starts_cover_the_axis_with_the_last_window_flush():
     assert window_starts(100, 40, 26) == [0, 26, 52, 60]
     assert window_starts(40, 40, 26) == [0] and window_starts(30, 40, 26) == [0]
     for length, crop, stride in [(1000, 512, 341), (97, 32, 21), (513, 512, 1)]:
         starts = window_starts(length, crop, stride)
         assert starts[-1] + crop == length and all(b - a <= stride for a, b in zip(starts, starts[1:], strict=False))
+    for length in range(24, 140, 7):
+        for crop, stride in [(24, 10), (32, 21), (32, 32), (40, 1)]:
+            assert window_starts(length, crop, stride) == mmseg_window_starts(length, crop, stride), (length, crop)
 
 
 def test_one_scale_no_flip_is_whole_exactly():
@@ -79,20 +103,16 @@ def naive_ms_flip(model, image, scales, crop, stride, base_size):
     """Multi-scale + flip written out plainly, the unoptimised definition: for every scale, every window and its
     mirror image run one at a time through the full model, the mirror's probabilities are flipped back at full
     size, each window's views averaged with its neighbours', resized back, averaged over scales."""
-    import torch.nn.functional as F
-
-    from seg.engine.inference import scaled_size
-
     height, width = image.shape[2:]
     result = 0
     for scale in scales:
-        size = scaled_size(height, width, scale, base_size)
+        size = encoding_scaled_size(height, width, scale, base_size)
         view = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
         padded = F.pad(view, (0, max(crop - size[1], 0), 0, max(crop - size[0], 0)))
         total = torch.zeros(1, model.num_classes, *padded.shape[2:])
         counts = torch.zeros(1, 1, *padded.shape[2:])
-        for y in window_starts(padded.shape[2], crop, stride):
-            for x in window_starts(padded.shape[3], crop, stride):
+        for y in mmseg_window_starts(padded.shape[2], crop, stride):
+            for x in mmseg_window_starts(padded.shape[3], crop, stride):
                 window = padded[:, :, y : y + crop, x : x + crop]
                 plain = model(window).softmax(1)
                 mirrored = model(window.flip(-1)).softmax(1).flip(-1)
@@ -122,6 +142,123 @@ def test_ms_flip_equals_the_plain_definition_window_by_window():
     torch.testing.assert_close(fast, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(wrapped, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(channels_last, expected, rtol=0, atol=1e-5)
+
+
+class RecordingPointwise(Pointwise):
+    """A :class:`Pointwise` classifier that keeps a copy of every batch it is called on (one entry per call)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__(scale)
+        self.calls: list = []
+
+    def forward(self, x):
+        self.calls.append(x.detach().clone())
+        return super().forward(x)
+
+
+def recording_segmentor() -> tuple:
+    """A DeepLabV3 segmentor and the list its backbone's stem appends each batch to (one entry per call)."""
+    torch.manual_seed(0)
+    model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=4).eval()
+    calls: list = []
+    model.backbone.conv1.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].detach().clone()))
+    return model, calls
+
+
+def expected_model_inputs(image: torch.Tensor, config: InferenceConfig) -> dict:
+    """Every image the model must be given, keyed (scale index, window top, window left, mirrored), from the
+    scale list and the window arithmetic alone: each scale's resized view (or its padded windows in slide mode),
+    and with flip each one's mirror image."""
+    height, width = image.shape[2:]
+    inputs = {}
+    for index, scale in enumerate(config.scales):
+        size = encoding_scaled_size(height, width, scale, config.base_size)
+        view = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
+                                                                    align_corners=True)
+        if config.mode == "whole":
+            windows = {(0, 0): view}
+        else:
+            crop, stride = config.crop_size, config.stride
+            padded = F.pad(view, (0, max(crop - size[1], 0), 0, max(crop - size[0], 0)))
+            windows = {(y, x): padded[:, :, y : y + crop, x : x + crop]
+                       for y in mmseg_window_starts(size[0], crop, stride)
+                       for x in mmseg_window_starts(size[1], crop, stride)}
+        for (y, x), window in windows.items():
+            inputs[(index, y, x, False)] = window[0]
+            if config.flip:
+                inputs[(index, y, x, True)] = window[0].flip(-1)
+    return inputs
+
+
+def identify(batch: torch.Tensor, inputs: dict) -> list:
+    """The key in ``inputs`` of each image of ``batch``; each must equal exactly one expected input."""
+    keys = []
+    for image in batch:
+        matches = [key for key, expected in inputs.items()
+                   if expected.shape == image.shape and torch.allclose(image, expected, rtol=0, atol=1e-6)]
+        assert len(matches) == 1, f"a {tuple(image.shape)} model input matches {len(matches)} expected views"
+        keys.append(matches[0])
+    return keys
+
+
+def pointwise_multi_scale(classifier: nn.Module, image: torch.Tensor, scales, base_size: int) -> torch.Tensor:
+    """Multi-scale inference of a per-pixel classifier without windows or mirrors: for such a model every window
+    and every mirror image flipped back gives each pixel the answer of its scale's whole view."""
+    height, width = image.shape[2:]
+    total = 0
+    for scale in scales:
+        size = encoding_scaled_size(height, width, scale, base_size)
+        view = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
+                                                                    align_corners=True)
+        probabilities = classifier(view).softmax(1)
+        if size != (height, width):
+            probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=True)
+        total = total + probabilities
+    return total / len(scales)
+
+
+@pytest.mark.parametrize("model_kind", ["pointwise", "segmentor"])
+@pytest.mark.parametrize("mode,flip", [("whole", True), ("slide", True), ("slide", False)])
+def test_multi_scale_flip_runs_every_scale_window_and_mirror_exactly_once(model_kind, mode, flip):
+    """Counted at the model's input: scales x windows x {plain, mirrored}, each image once, a window batched with
+    its mirror image, no pass over window_batch images. The ADE20K scales at a 40x56 image, base 56 and crop 32
+    give views from 20x28 (one padded window) to 70x98 (15 windows)."""
+    image = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    config = InferenceConfig(mode=mode, crop_size=32, stride=20, scales=MS_SCALES["ade20k"], flip=flip,
+                             base_size=56, window_batch=4)
+    if model_kind == "pointwise":
+        model = RecordingPointwise(scale=4.0)  # confident: a mirror left unflipped moves the probabilities
+        calls = model.calls
+    else:
+        model, calls = recording_segmentor()
+    got = predict_probabilities(model, image, config)
+
+    expected = expected_model_inputs(image, config)
+    seen = [identify(batch, expected) for batch in calls]
+    assert Counter(key for call in seen for key in call) == Counter(expected.keys())
+    assert {key[3] for key in expected} == ({False, True} if flip else {False})
+    views = 2 if flip else 1
+    for call in seen:
+        assert len(call) <= config.window_batch
+        assert set(Counter(key[:3] for key in call).values()) == {views}  # each window with its mirror image
+    windows_per_scale = Counter(key[0] for key in expected if not key[3])
+    assert sorted(windows_per_scale) == list(range(len(MS_SCALES["ade20k"])))
+    windows_per_pass = config.window_batch // views
+    assert len(calls) == sum(1 if mode == "whole" else math.ceil(count / windows_per_pass)
+                             for count in windows_per_scale.values())
+    if model_kind == "pointwise":  # the mirrors' probabilities were flipped back before averaging
+        with torch.no_grad():
+            reference = pointwise_multi_scale(Pointwise(scale=4.0), image, config.scales, config.base_size)
+        torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+
+
+def test_multi_scale_scales_are_the_published_ones():
+    """README: ADE20K 0.5-1.75 and Cityscapes 0.75-2.25, in PyTorch-Encoding's steps of 0.25."""
+    def quarter_steps(first: float, last: float) -> tuple:
+        return tuple(first + 0.25 * step for step in range(round((last - first) / 0.25) + 1))
+
+    assert MS_SCALES["ade20k"] == quarter_steps(0.5, 1.75)
+    assert MS_SCALES["cityscapes"] == quarter_steps(0.75, 2.25)
 
 
 def test_whole_image_flip_averages_the_mirror_pass():

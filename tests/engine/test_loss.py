@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seg.data.base import IGNORE_INDEX as DATASET_IGNORE_INDEX
 from seg.engine.loss import IGNORE_INDEX, Ohem, hard_pixel_mask, segmentation_loss
 
 
@@ -16,15 +17,56 @@ def _batch(seed: int = 0, classes: int = 4, size: int = 12):
     return logits, target
 
 
-def test_ignored_pixels_change_nothing():
-    logits, target = _batch()
-    target[:, :4] = IGNORE_INDEX
-    before = segmentation_loss(logits, target, 0.0)
-    scrambled = logits.clone()
-    scrambled[:, :, :4] = torch.randn_like(scrambled[:, :, :4]) * 50  # ignored pixels' logits: anything
-    assert torch.equal(segmentation_loss(scrambled, target, 0.0), before)
-    kept = target[:, 4:]
-    assert torch.allclose(before, F.cross_entropy(logits[:, :, 4:], kept))
+def _loss_and_gradient(main, aux, target, path):
+    """The loss of ``path``'s configuration and its gradients with respect to the main and auxiliary logits."""
+    main, aux = main.clone().requires_grad_(True), aux.clone().requires_grad_(True)
+    outputs = (main, aux) if path == "aux" else main
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.25]) if path == "class weights" else None
+    ohem = Ohem(threshold=0.6, min_kept=10) if path == "ohem" else None
+    loss = segmentation_loss(outputs, target, 0.4, class_weights=weights, ohem=ohem)
+    loss.backward()
+    return loss.detach(), main.grad, aux.grad if path == "aux" else torch.zeros_like(aux)
+
+
+@pytest.mark.parametrize("path", ["plain", "aux", "class weights", "ohem"])
+def test_pixels_the_datasets_mark_ignored_change_neither_loss_nor_gradients(path):
+    """Pixels carrying the datasets' ignore value (padding, void): their logits may be anything, the loss and
+    every other pixel's gradient stay the same bit for bit, and their own gradient is exactly zero."""
+    main, target = _batch()
+    aux, _ = _batch(7)
+    ignored = torch.zeros(target.shape, dtype=torch.bool)
+    ignored[:, :4] = True
+    ignored[1, :, -3:] = True
+    target[ignored] = DATASET_IGNORE_INDEX
+    loss, main_grad, aux_grad = _loss_and_gradient(main, aux, target, path)
+
+    at_ignored = ignored[:, None].expand_as(main)
+    scrambled_main = torch.where(at_ignored, torch.randn_like(main) * 50, main)
+    scrambled_aux = torch.where(at_ignored, torch.randn_like(aux) * 50, aux)
+    scrambled_loss, scrambled_main_grad, scrambled_aux_grad = _loss_and_gradient(scrambled_main, scrambled_aux,
+                                                                                 target, path)
+    assert torch.equal(scrambled_loss, loss)
+    assert torch.equal(scrambled_main_grad, main_grad) and torch.equal(scrambled_aux_grad, aux_grad)
+    assert torch.equal(main_grad[at_ignored], torch.zeros(int(at_ignored.sum())))
+    assert torch.equal(aux_grad[at_ignored], torch.zeros(int(at_ignored.sum())))
+    assert main_grad[~at_ignored].abs().sum() > 0  # the other pixels do train
+    if path == "plain":  # the mean over the other pixels, written out
+        negative_log_likelihood = -main.log_softmax(1).gather(1, target.clamp(max=3)[:, None])[:, 0]
+        torch.testing.assert_close(loss, negative_log_likelihood[~ignored].mean(), rtol=1e-6, atol=0)
+
+
+def test_the_ignore_value_is_not_a_class_even_where_it_could_be_one():
+    """With 256 classes the ignore value would be a valid class id: it still means "ignore", and the id below it
+    is still a class."""
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 256, 6, 6, generator=generator) * 3
+    target = torch.randint(0, 256, (2, 6, 6), generator=generator)
+    target[0, :2] = DATASET_IGNORE_INDEX
+    target[1, :2] = DATASET_IGNORE_INDEX - 1
+    counted = target != DATASET_IGNORE_INDEX
+    negative_log_likelihood = -logits.log_softmax(1).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(segmentation_loss(logits, target, 0.0), negative_log_likelihood[counted].mean(),
+                               rtol=1e-6, atol=0)
 
 
 def test_a_zero_class_weight_removes_that_class_and_weights_form_a_weighted_mean():

@@ -213,7 +213,7 @@ def worker_pid(launcher_pid: int, rank: int) -> Optional[int]:
     return None
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="platform: finds torchrun's workers through /proc (Linux)")
 def test_sigterm_reaching_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
     """A scheduler's SIGTERM may reach the ranks one at a time, or only one of them. Every rank must still save and
     stop at the same iteration: a rank that went on alone would wait forever in its next collective."""

@@ -9,6 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from seg.models import build_backbone, build_segmentor
 from seg.models.fusion import fold_batch_norm, fuse_conv_bn
+from seg.models.segmentors import upsample_logits
 
 
 class LastFeatures(nn.Module):
@@ -71,11 +72,29 @@ def test_fusing_a_training_network_is_refused():
         fuse_conv_bn(model)
 
 
-def test_fused_network_runs_in_train_mode_calls_without_batch_norm_state():
-    """eval() is what callers use; the Identity left behind must not break pooled_batch_norm either way."""
-    fused = fuse_conv_bn(build_segmentor("deeplabv3", backbone="resnest14", num_classes=3).eval())
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_network_in_train_mode_computes_its_eval_function_and_trains(batch, randomize_batchnorm):
+    """A folded batch norm stays folded: after train() the network still normalises with the statistics folded
+    into its weights, not the batch's (a batch of one included, where the pooled branches' batch norm would have
+    one value per channel), and gradients reach its weights. Dropout, random in train mode by design, is held
+    in eval mode so that the outputs can be compared."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build_segmentor("deeplabv3", backbone="resnest14", num_classes=3))
+    x = torch.randn(batch, 3, 48, 48)
     with torch.no_grad():
-        assert fused(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+        expected_main = model(x)
+        expected_aux = upsample_logits(model.aux_head(model.backbone.forward_features(x)[2]), (48, 48))
+    fused = fuse_conv_bn(model).train()
+    for module in fused.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+    assert fused.training and fused.backbone.layer3[0].conv2.training
+    main, aux = fused(x)  # train mode: the main and auxiliary logits
+    assert expected_main.abs().max() > 0.1 and expected_aux.abs().max() > 0.1
+    torch.testing.assert_close(main, expected_main, rtol=0, atol=1e-4)
+    torch.testing.assert_close(aux, expected_aux, rtol=0, atol=1e-4)
+    (main.square().mean() + aux.square().mean()).backward()
+    assert fused.backbone.conv1[0].weight.grad.abs().sum() > 0 and fused.head.block[-1].weight.grad is not None
 
 
 def test_fused_convolutions_run_as_one_onednn_operator_on_cpu_and_count_their_flops(randomize_batchnorm):
