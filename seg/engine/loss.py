@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-# The one ignore value inside seg, equal to seg.data.base.IGNORE_INDEX (tests/test_bench.py checks it).
+# The one ignore value inside seg, equal to seg.data.base.IGNORE_INDEX (tests/engine/test_loss.py checks it).
 IGNORE_INDEX = 255
 
 
