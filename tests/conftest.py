@@ -148,20 +148,12 @@ def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
     Like a trained network (and unlike random running statistics, which blow logits up to the hundreds where
     fp32 rounding alone exceeds 1e-4), activations stay normalised; residual-branch gammas (``bn3``) are small.
     """
+    from discriminating_model import randomize_batchnorm_parameters
+
     generator = torch.Generator().manual_seed(seed)
-    norms = []
+    norms = randomize_batchnorm_parameters(model, generator)
+    model.train()
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                residual_end = name.endswith("bn3")
-                module.weight.copy_(torch.rand(n, generator=generator) * (0.3 if residual_end else 1.0)
-                                    + (0.0 if residual_end else 0.5))
-                module.bias.copy_(torch.rand(n, generator=generator) * 0.2 - 0.1)
-                module.reset_running_stats()
-                module.momentum = None  # cumulative average: running stats = this batch's statistics
-                norms.append(module)
-        model.train()
         model(torch.randn(4, 3, 64, 64, generator=generator))
     for module in norms:
         module.momentum = 0.1

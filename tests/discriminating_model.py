@@ -25,7 +25,7 @@ spelled out (:func:`normalise`) and a softmax.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -75,10 +75,11 @@ def calibration_scenes() -> Tuple[torch.Tensor, np.ndarray]:
     return images, np.stack([mask for _, mask in scenes])
 
 
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> None:
-    """Random BN affine parameters (residual-branch ends ``bn3`` small, as in a trained ResNet) and running
-    statistics measured on ``images`` in one train-mode pass with dropout off; leaves the model in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def randomize_batchnorm_parameters(model: nn.Module, generator: torch.Generator) -> List[nn.Module]:
+    """Give every BN random affine parameters (residual-branch ends ``bn3`` small, as in a trained ResNet) and
+    reset statistics that the next train-mode pass sets to its own (momentum None); returns those BN modules,
+    whose momentum the caller puts back after that pass."""
+    norms = []
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -89,10 +90,19 @@ def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, generator: torch
                 module.bias.copy_(torch.rand(n, generator=generator) * 0.2 - 0.1)
                 module.reset_running_stats()
                 module.momentum = None  # a cumulative average: after one pass, that pass's statistics
-        model.train()
-        for module in model.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                module.eval()  # statistics of the features eval mode will see, not of dropped-out ones
+                norms.append(module)
+    return norms
+
+
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> None:
+    """Random BN affine parameters and running statistics measured on ``images`` in one train-mode pass with
+    dropout off; leaves the model in eval mode."""
+    norms = randomize_batchnorm_parameters(model, generator)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()  # statistics of the features eval mode will see, not of dropped-out ones
+    with torch.no_grad():
         model(images)
     for module in norms:
         module.momentum = 0.1
