@@ -22,6 +22,9 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from seg.card import ModelCard, ModelCardError
+from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 CHECKPOINT_FORMAT = "seg-checkpoint-v1"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container; older non-zip files carry no checksums to verify
 
@@ -198,11 +201,64 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_from_checkpoint(payload: Mapping[str, Any]) -> torch.nn.Module:
-    """Rebuild the segmentor a ``seg`` checkpoint describes and load its weights (eval mode, on the CPU)."""
+def checkpoint_card(payload: Mapping[str, Any], source: Union[str, os.PathLike] = "checkpoint") -> ModelCard:
+    """The model card of a loaded ``seg`` checkpoint ``payload``; ModelCardError naming ``source`` if malformed.
+
+    Checkpoints written before the card (seg 0.1.0 up to issue 16) described the model with loose keys
+    (``model_config``, ``classes``, ``palette``, ``normalisation``, ``dataset`` and the training ``config``); they
+    are migrated to a card here, the one place that knows that older layout.
+    """
+    if "card" in payload:
+        return ModelCard.from_dict(payload["card"], source=str(source))
+    return _card_of_pre_card_checkpoint(payload, str(source))
+
+
+def _card_of_pre_card_checkpoint(payload: Mapping[str, Any], source: str) -> ModelCard:
+    from .inference import test_scales_for  # the engine's inference module imports the models; keep this light
+
+    missing = [key for key in ("model_config", "classes", "palette") if key not in payload]
+    if missing:
+        raise ModelCardError(f"{source}: neither a model card nor the older model_config/classes/palette keys "
+                             f"(missing {', '.join(missing)})")
+    spec = dict(payload["model_config"])
+    config = payload.get("config", {})
+    normalisation = payload.get("normalisation", {})
+    dataset = payload.get("dataset", config.get("dataset", ""))
+    try:
+        return ModelCard(
+            segmentor=spec.pop("segmentor", "deeplabv3"), backbone=spec.pop("backbone"),
+            num_classes=spec.pop("num_classes"), output_stride=spec.pop("output_stride", 8),
+            aux=spec.pop("aux", True), backbone_args=spec, classes=payload["classes"], palette=payload["palette"],
+            mean=normalisation.get("mean", IMAGENET_MEAN), std=normalisation.get("std", IMAGENET_STD),
+            dataset=dataset, crop_size=config.get("crop_size", 512), base_size=config.get("base_size"),
+            test_scales=test_scales_for(dataset), seg_version="0.1.0 (before model cards)",
+        )
+    except KeyError as error:
+        raise ModelCardError(f"{source}: model_config lacks {error.args[0]!r}") from None
+    except (ModelCardError, TypeError, ValueError) as error:
+        raise ModelCardError(f"{source}: {error}") from None
+
+
+def model_from_card(card: ModelCard, state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+                    source: str = "weights") -> torch.nn.Module:
+    """The network ``card`` describes (eval mode, on the CPU), with ``state_dict`` loaded when given;
+    ModelCardError naming ``source`` when the weights do not fit the card (another class count, another
+    backbone)."""
     from seg.models import build_segmentor  # the engine sits above the models; imported here to keep this light
 
-    spec = dict(payload["model_config"])
-    model = build_segmentor(spec.pop("segmentor"), **spec)
-    model.load_state_dict(payload["model"])
+    model = build_segmentor(**card.builder_arguments())
+    if state_dict is not None:
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as error:
+            mismatch = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            shown = "; ".join(mismatch[:3]) + ("; ..." if len(mismatch) > 3 else "")
+            raise ModelCardError(f"{source}: the weights do not fit the card's {card.segmentor}-{card.backbone} "
+                                 f"with {card.num_classes} classes ({shown})") from None
     return model.eval()
+
+
+def model_from_checkpoint(payload: Mapping[str, Any], source: Union[str, os.PathLike] = "checkpoint"
+                          ) -> torch.nn.Module:
+    """Rebuild the segmentor a ``seg`` checkpoint's card describes and load its weights (eval mode, CPU)."""
+    return model_from_card(checkpoint_card(payload, source), payload["model"], str(source))

@@ -38,7 +38,13 @@ MS_SCALES = {
     "ade20k": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
     "cityscapes": (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25),
 }
-DEFAULT_MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# Every other dataset: ADE20K's.
+DEFAULT_MS_SCALES = MS_SCALES["ade20k"]
+
+
+def test_scales_for(dataset: str) -> Tuple[float, ...]:
+    """The multi-scale + flip evaluation scales of ``dataset`` (multiples of the base size)."""
+    return MS_SCALES.get(dataset, DEFAULT_MS_SCALES)
 
 
 @dataclass(frozen=True)
@@ -249,9 +255,53 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, config: Inferen
     return total.div_(len(config.scales)) if len(config.scales) > 1 else total
 
 
-def ms_flip_config(dataset: str, base_size: Optional[int], crop_size: int, mode: str = "slide",
-                   scales: Optional[Sequence[float]] = None, amp_dtype: Optional[torch.dtype] = None
-                   ) -> InferenceConfig:
-    """The paper's multi-scale + flip evaluation for ``dataset`` (its scales, its base and crop size)."""
-    return InferenceConfig(mode=mode, crop_size=crop_size, scales=tuple(scales or MS_SCALES.get(dataset,
-                           DEFAULT_MS_SCALES)), flip=True, base_size=base_size, amp_dtype=amp_dtype)
+@dataclass(frozen=True)
+class InferenceOptions:
+    """What a caller may ask of inference; ``None`` leaves the choice to the model card.
+
+    ``seg.eval``'s flags, :class:`~seg.Segmenter`'s keyword arguments and the service's query parameters are these
+    fields, and :func:`resolve_inference` alone turns them into an :class:`InferenceConfig`, so an option means
+    the same everywhere:
+
+    - ``ms_flip``: the card's test scales, flip, sliding windows (the paper's multi-scale + flip evaluation).
+    - ``scales``: resize factors of the base size (default: the card's test scales with ``ms_flip``, else 1).
+    - ``flip``: add the mirror image (implied by ``ms_flip``).
+    - ``mode``: ``whole`` or ``slide`` (default: ``slide`` with ``ms_flip``, else ``whole``).
+    - ``crop_size``, ``stride``: slide windows (default: the card's training crop, 2/3 of it).
+    - ``base_size``: the long side the scales multiply (default: the card's training base size, the scale the
+      model was trained at; :data:`NATIVE`: the image's own long side).
+    - ``window_batch``: images per forward pass in ``slide``; ``amp_dtype``: autocast over a float32 model.
+    """
+
+    ms_flip: bool = False
+    scales: Optional[Tuple[float, ...]] = None
+    flip: bool = False
+    mode: Optional[str] = None
+    crop_size: Optional[int] = None
+    stride: Optional[int] = None
+    base_size: Optional[int] = None
+    window_batch: int = 4
+    amp_dtype: Optional[torch.dtype] = None
+
+
+# ``InferenceOptions.base_size`` that keeps each image at its own size.
+NATIVE = 0
+
+
+def resolve_inference(card, options: InferenceOptions = InferenceOptions()) -> InferenceConfig:
+    """The :class:`InferenceConfig` of ``options`` for the model ``card`` (a :class:`~seg.card.ModelCard`)
+    describes: the one place where an option's default is decided (see :class:`InferenceOptions`)."""
+    if options.scales is not None:
+        scales = tuple(options.scales)
+    else:
+        scales = tuple(card.test_scales) if options.ms_flip else (1.0,)
+    base_size = card.base_size if options.base_size is None else (options.base_size or None)
+    return InferenceConfig(mode=options.mode or ("slide" if options.ms_flip else "whole"),
+                           crop_size=options.crop_size or card.crop_size, stride=options.stride, scales=scales,
+                           flip=options.flip or options.ms_flip, base_size=base_size,
+                           window_batch=options.window_batch, amp_dtype=options.amp_dtype)
+
+
+def describe_inference(config: InferenceConfig) -> str:
+    """``ms+flip`` for several scales with flip, else ``single-scale`` (the names model cards report)."""
+    return "ms+flip" if len(config.scales) > 1 and config.flip else "single-scale"
