@@ -36,13 +36,9 @@ from seg.cli import ArgumentParser
 from seg.engine.inference import (MS_SCALES, InferenceConfig, inference_model, predict_probabilities, scaled_size,
                                   single_scale_probabilities)
 from seg.engine.loss import segmentation_loss
-from seg.engine.precision import AMP_DTYPES, describe_cpu, precision_name
+from seg.engine.precision import DTYPES, describe_cpu, precision_name
 from seg.models import build_backbone, build_segmentor
 from seg.models.complexity import count_parameters
-
-# --dtype: every contender runs under autocast to it, except seg's inference rows, which run as seg's inference
-# entry points do (weights cast to it, batch norm folded; seg.engine.inference.inference_model).
-DTYPES = {"fp32" if name == "off" else name: dtype for name, dtype in AMP_DTYPES.items()}
 
 
 @dataclass
@@ -543,7 +539,10 @@ def main(argv=None) -> int:
             p.error(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
-    device, amp = torch.device(args.device), DTYPES[args.dtype]
+    # --dtype bf16 or fp16: every contender runs under autocast to it (amp), except seg's inference rows, which run
+    # as seg's inference entry points do (weights cast to it, batch norm folded; inference_model). fp32: no autocast.
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    amp = None if dtype == torch.float32 else dtype
     torch.manual_seed(0)
 
     if device.type == "cuda":
@@ -569,7 +568,7 @@ def main(argv=None) -> int:
         print(f"measured: {case.title}", file=sys.stderr, flush=True)
     ms_flip = ms_flip_case(args.quick, device, amp, args.channels_last, repeats) if run_ms_flip else None
     # MFU: achieved MACs per second over the device's own matmul rate in the benchmark's dtype, measured now.
-    peak_flops = matmul_peak_flops(device, amp or torch.float32) if not args.quick else None
+    peak_flops = matmul_peak_flops(device, dtype) if not args.quick else None
     for row in rows:
         if peak_flops:
             row["mfu"] = row["flops_per_s"] / peak_flops

@@ -1,5 +1,6 @@
-"""What the command lines share: :class:`ArgumentParser` (every CLI and preparation script) and the argument
-checks of the inference CLIs (``seg.eval``, ``seg.predict``, ``seg.export``).
+"""What the command lines share: :class:`ArgumentParser` (every CLI and preparation script), the argument
+checks of the inference CLIs (``seg.eval``, ``seg.predict``, ``seg.export``) and :func:`flag_message`, which words
+the library's :class:`~seg.config.ConfigError` (naming a setting) with the flag that sets it.
 
 Each mistake is caught before any model is built and reported as one line naming the flag, the value and what
 was expected (exit status 2, through :class:`ArgumentParser`).
@@ -11,10 +12,13 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
-__all__ = ["ArgumentParser", "MAX_CROP_SIZE", "checkpoint_problem", "crop_size_type", "int_in_range", "output_problem",
-           "parse_scales"]
+if TYPE_CHECKING:  # seg.config is only needed for the annotation
+    from seg.config import ConfigError
+
+__all__ = ["ArgumentParser", "MAX_CROP_SIZE", "checkpoint_problem", "crop_size_type", "flag_message", "int_in_range",
+           "output_problem", "parse_scales"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -22,6 +26,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def flag_message(error: ConfigError, renames: Optional[Mapping[str, str]] = None) -> str:
+    """``error`` worded for a command line: its setting replaced by the flag, ``"--crop-size must be positive, got
+    0"`` for ``crop_size``.
+
+    A setting ``foo_bar`` becomes ``--foo-bar`` unless ``renames`` maps it to another flag (e.g.
+    ``{"window_batch": "--batch-size"}``). An error without a setting (a file or key problem) comes back unchanged.
+    """
+    setting = getattr(error, "setting", None)
+    if setting is None:
+        return str(error)
+    flag = (renames or {}).get(setting, "--" + setting.replace("_", "-"))
+    return f"{flag} {error.problem}"
 
 
 # The largest window side accepted: 4096 x 4096 windows already take gigabytes of activations per image at output
@@ -60,10 +78,11 @@ crop_size_type = int_in_range(1, MAX_CROP_SIZE)
 
 
 def checkpoint_problem(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be a checkpoint file, for what torch.load's own errors say badly; else None (a
-    missing file is left to :func:`~seg.engine.checkpoint.load_checkpoint`)."""
-    if path.is_dir():
-        return f"{path} is a folder; expected a checkpoint file such as outputs/<run>/best.pth"
+    """Why ``path`` cannot be a checkpoint file or shared model folder, for what torch.load's own errors say
+    badly; else None (a missing file or Hub repo id is left to :func:`seg.hub.read_model`)."""
+    if path.is_dir() and not (path / "config.json").is_file():
+        return (f"{path} is a folder without config.json; expected a checkpoint file such as "
+                f"outputs/<run>/best.pth or a folder written by seg.export --format hf")
     if path.is_file() and path.stat().st_size == 0:
         return f"{path} is empty (0 bytes); expected a checkpoint written by python -m seg.train"
     return None

@@ -20,7 +20,28 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 
 class ConfigError(ValueError):
-    """A configuration value or file is invalid; the message names the key or file and what was expected."""
+    """A configuration value or file is invalid; the message names the setting or file and what was expected.
+
+    ``ConfigError(setting, problem)``: a setting's value is unusable; ``str()`` is ``f"{setting} {problem}"``, e.g.
+    ``"crop_size must be positive, got 0"`` (a command line words it with its flag: :func:`seg.cli.flag_message`).
+    ``ConfigError(message)``: a file- or key-level error (a missing or invalid TOML file, an unknown key), with
+    ``setting`` None. ``file`` is the config file the error is about, if any.
+    """
+
+    def __init__(self, setting: Optional[str], problem: Optional[str] = None, *, file: Optional[Path] = None) -> None:
+        if problem is None:  # the one-argument form: a whole message
+            setting, problem = None, setting
+        self.setting = setting
+        self.problem = problem
+        self.file = file
+        super().__init__(f"{setting} {problem}" if setting is not None else problem)
+
+    def __reduce__(self):  # pickled with its setting and file (e.g. from a worker process)
+        return _rebuild_config_error, (self.setting, self.problem, self.file)
+
+
+def _rebuild_config_error(setting: Optional[str], problem: Optional[str], file: Optional[Path]) -> ConfigError:
+    return ConfigError(setting, problem, file=file)
 
 
 @dataclass
@@ -160,33 +181,39 @@ def resolve_pretrained(cfg: "TrainConfig") -> Optional[str]:
     return cfg.backbone if cfg.pretrained == "auto" else cfg.pretrained
 
 
-def _coerce(key: str, value: Any, origin: str) -> Any:
+def _coerce(key: str, value: Any, origin: str, file: Optional[Path] = None) -> Any:
+    """``value`` of setting ``key`` as the config holds it; errors start with ``origin`` (the file, or the layer)."""
     if key not in FIELDS or key == "extra":
         known = ", ".join(sorted(k for k in FIELDS if k != "extra"))
-        raise ConfigError(f"{origin}: unknown setting {key!r}; known: {known}")
+        raise ConfigError(f"{origin}: unknown setting {key!r}; known: {known}", file=file)
     default = FIELDS[key].default
     if key == "scale_range":
         if not (isinstance(value, (list, tuple)) and len(value) == 2):
-            raise ConfigError(f"{origin}: scale_range must be two numbers, got {value!r}")
+            raise ConfigError(f"{origin}: scale_range must be two numbers, got {value!r}", file=file)
         return (float(value[0]), float(value[1]))
     if isinstance(default, bool) and not isinstance(value, bool):
-        raise ConfigError(f"{origin}: {key} must be true or false, got {value!r}")
+        raise ConfigError(f"{origin}: {key} must be true or false, got {value!r}", file=file)
     if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return value
 
 
 def load_toml(path: Path) -> Dict[str, Any]:
-    """The settings of a TOML config file (top-level keys, or a ``[train]`` table)."""
+    """The settings of a TOML config file (top-level keys, or a ``[train]`` table).
+
+    Raises:
+        ConfigError: with ``file`` set to ``path`` and the message starting with it: the file is missing, not
+            valid TOML, or holds an unknown setting or a value of the wrong type.
+    """
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: file not found") from None
+        raise ConfigError(f"{path}: file not found", file=path) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"--config {path}: not valid TOML ({error})") from None
+        raise ConfigError(f"{path}: not valid TOML ({error})", file=path) from None
     data = data.get("train", data)
     data.pop("published", None)  # experiments/ files carry the paper's numbers beside the recipe
-    return {key: _coerce(key, value, f"--config {path}") for key, value in data.items()}
+    return {key: _coerce(key, value, str(path), file=path) for key, value in data.items()}
 
 
 def build_config(flags: Dict[str, Any], config_file: Optional[Path] = None) -> TrainConfig:
@@ -210,30 +237,31 @@ def build_config(flags: Dict[str, Any], config_file: Optional[Path] = None) -> T
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Reject values no run could use, naming the flag."""
+    """Reject values no run could use: :class:`ConfigError` naming the setting, its value and what was expected."""
     checks = [
-        (cfg.crop_size > 0, f"--crop-size must be positive, got {cfg.crop_size}"),
-        (cfg.crop_size <= 4096, f"--crop-size {cfg.crop_size} is larger than allowed (4096)"),
-        (cfg.base_size > 0, f"--base-size must be positive, got {cfg.base_size}"),
-        (cfg.batch_size is None or cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
-        (cfg.accum > 0, f"--accum must be positive, got {cfg.accum}"),
-        (cfg.iters is None or cfg.iters > 0, f"--iters must be positive, got {cfg.iters}"),
-        (cfg.epochs is None or cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}"),
-        (cfg.lr is None or cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
-        (cfg.aux_weight >= 0, f"--aux-weight must be >= 0, got {cfg.aux_weight}"),
-        (cfg.amp in ("off", "bf16", "fp16", "auto"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}"),
-        (cfg.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {cfg.warmup_iters}"),
-        (cfg.time_budget is None or (math.isfinite(cfg.time_budget) and cfg.time_budget > 0),
-         f"--time-budget must be a positive number of minutes, got {cfg.time_budget}"),
-        (0 < cfg.ohem_threshold <= 1, f"--ohem-threshold must be in (0, 1], got {cfg.ohem_threshold}"),
-        (cfg.ohem_min_kept >= 0, f"--ohem-min-kept must be >= 0, got {cfg.ohem_min_kept}"),
-        (math.isfinite(cfg.class_weights_power) and cfg.class_weights_power >= 0,
-         f"--class-weights-power must be >= 0, got {cfg.class_weights_power}"),
-        (cfg.output_stride in (8, 16, 32), f"--output-stride must be 8, 16 or 32, got {cfg.output_stride}"),
-        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
-        (cfg.val_limit is None or cfg.val_limit > 0, f"--val-limit must be positive, got {cfg.val_limit}"),
-        (0 < cfg.scale_range[0] <= cfg.scale_range[1], f"scale_range must be 0 < min <= max, got {cfg.scale_range}"),
+        ("crop_size", cfg.crop_size > 0, f"must be positive, got {cfg.crop_size}"),
+        ("crop_size", cfg.crop_size <= 4096, f"{cfg.crop_size} is larger than allowed (4096)"),
+        ("base_size", cfg.base_size > 0, f"must be positive, got {cfg.base_size}"),
+        ("batch_size", cfg.batch_size is None or cfg.batch_size > 0, f"must be positive, got {cfg.batch_size}"),
+        ("accum", cfg.accum > 0, f"must be positive, got {cfg.accum}"),
+        ("iters", cfg.iters is None or cfg.iters > 0, f"must be positive, got {cfg.iters}"),
+        ("epochs", cfg.epochs is None or cfg.epochs > 0, f"must be positive, got {cfg.epochs}"),
+        ("lr", cfg.lr is None or cfg.lr > 0, f"must be positive, got {cfg.lr}"),
+        ("aux_weight", cfg.aux_weight >= 0, f"must be >= 0, got {cfg.aux_weight}"),
+        ("amp", cfg.amp in ("off", "bf16", "fp16", "auto"), f"must be auto, bf16, fp16 or off, got {cfg.amp!r}"),
+        ("warmup_iters", cfg.warmup_iters >= 0, f"must be >= 0, got {cfg.warmup_iters}"),
+        ("time_budget", cfg.time_budget is None or (math.isfinite(cfg.time_budget) and cfg.time_budget > 0),
+         f"must be a positive number of minutes, got {cfg.time_budget}"),
+        ("ohem_threshold", 0 < cfg.ohem_threshold <= 1, f"must be in (0, 1], got {cfg.ohem_threshold}"),
+        ("ohem_min_kept", cfg.ohem_min_kept >= 0, f"must be >= 0, got {cfg.ohem_min_kept}"),
+        ("class_weights_power", math.isfinite(cfg.class_weights_power) and cfg.class_weights_power >= 0,
+         f"must be >= 0, got {cfg.class_weights_power}"),
+        ("output_stride", cfg.output_stride in (8, 16, 32), f"must be 8, 16 or 32, got {cfg.output_stride}"),
+        ("workers", cfg.workers >= 0, f"must be >= 0, got {cfg.workers}"),
+        ("val_limit", cfg.val_limit is None or cfg.val_limit > 0, f"must be positive, got {cfg.val_limit}"),
+        ("scale_range", 0 < cfg.scale_range[0] <= cfg.scale_range[1],
+         f"must be 0 < min <= max, got {cfg.scale_range}"),
     ]
-    for ok, message in checks:
+    for setting, ok, problem in checks:
         if not ok:
-            raise ConfigError(message)
+            raise ConfigError(setting, problem)

@@ -14,9 +14,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
-from seg.cli import ArgumentParser
-from seg.config import RECIPES, ConfigError, build_config
+from seg.cli import ArgumentParser, flag_message
+from seg.config import FIELDS, RECIPES, ConfigError, build_config
 from seg.data import DataError, list_datasets
 from seg.engine.checkpoint import CheckpointError
 from seg.engine.distributed import shutdown_distributed
@@ -80,6 +81,20 @@ def parser() -> ArgumentParser:
     return p
 
 
+def setting_flags(p: argparse.ArgumentParser) -> Dict[str, str]:
+    """Each config setting's flag in ``p`` (``aux`` -> ``--no-aux``), for :func:`seg.cli.flag_message`; a setting
+    without a flag (``scale_range``: a ``--config`` file's) keeps its own name."""
+    flags = {action.dest: max(action.option_strings, key=len) for action in p._actions if action.option_strings}
+    return {setting: flags.get(setting, setting) for setting in FIELDS}
+
+
+def config_message(error: ConfigError, p: argparse.ArgumentParser) -> str:
+    """A :class:`ConfigError` worded for this command line: the flag instead of the setting, and ``--config``
+    before the file it names when the error is about the config file."""
+    message = flag_message(error, setting_flags(p))
+    return f"--config {message}" if error.file is not None else message
+
+
 def main(argv=None) -> int:
     started_at = time.monotonic()  # --time-budget counts from here
     args = parser().parse_args(argv)
@@ -94,7 +109,10 @@ def main(argv=None) -> int:
     try:
         cfg = build_config(flags, args.config)
         result = Trainer(cfg, started_at=started_at).run()
-    except (ConfigError, DataError, PretrainedWeightsError, CheckpointError, ValueError) as error:
+    except ConfigError as error:
+        print(f"error: {config_message(error, parser())}", file=sys.stderr)
+        return 2
+    except (DataError, PretrainedWeightsError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:

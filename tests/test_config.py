@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
+from seg.cli import flag_message
 from seg.config import SCRATCH_RECIPE, SCRATCH_RECIPES, ConfigError, TrainConfig, build_config, resolve_pretrained
 
 
@@ -27,33 +30,54 @@ def test_derived_values_scale_the_lr_with_the_total_batch():
 
 
 @pytest.mark.parametrize(
-    "flags,message",
+    "settings,setting,message",
     [
-        ({"crop_size": 0}, "--crop-size must be positive"),
-        ({"crop_size": 10000}, "--crop-size 10000 is larger than allowed"),
-        ({"lr": -1.0}, "--lr must be positive"),
-        ({"amp": "fp8"}, "--amp must be auto, bf16, fp16 or off"),
-        ({"time_budget": 0.0}, "--time-budget must be a positive number of minutes"),
-        ({"warmup_iters": -1}, "--warmup-iters must be >= 0"),
-        ({"ohem_threshold": 1.5}, r"--ohem-threshold must be in \(0, 1\]"),
+        ({"crop_size": 0}, "crop_size", "crop_size must be positive, got 0"),
+        ({"crop_size": 10000}, "crop_size", "crop_size 10000 is larger than allowed (4096)"),
+        ({"lr": -1.0}, "lr", "lr must be positive, got -1.0"),
+        ({"amp": "fp8"}, "amp", "amp must be auto, bf16, fp16 or off, got 'fp8'"),
+        ({"time_budget": 0.0}, "time_budget", "time_budget must be a positive number of minutes, got 0.0"),
+        ({"warmup_iters": -1}, "warmup_iters", "warmup_iters must be >= 0, got -1"),
+        ({"ohem_threshold": 1.5}, "ohem_threshold", "ohem_threshold must be in (0, 1], got 1.5"),
+        ({"scale_range": (2.0, 1.0)}, "scale_range", "scale_range must be 0 < min <= max, got (2.0, 1.0)"),
     ],
 )
-def test_bad_values_name_the_flag(flags, message):
-    with pytest.raises(ConfigError, match=message):
-        build_config(flags)
+def test_bad_values_name_the_setting(settings, setting, message):
+    """The library names settings, never a command-line flag; a CLI words the error with its flag."""
+    with pytest.raises(ConfigError) as caught:
+        build_config(settings)
+    assert caught.value.setting == setting and str(caught.value) == message and "--" not in message
+    assert flag_message(caught.value) == "--" + setting.replace("_", "-") + message[len(setting):]
+
+
+def test_flag_message_words_a_setting_as_its_flag():
+    error = ConfigError("window_batch", "must be positive, got 0")
+    assert (str(error), error.setting, error.problem) == ("window_batch must be positive, got 0", "window_batch",
+                                                          "must be positive, got 0")
+    assert flag_message(error) == "--window-batch must be positive, got 0"
+    assert flag_message(error, {"window_batch": "--batch-size"}) == "--batch-size must be positive, got 0"
+    whole = ConfigError("run.toml: not valid TOML (bad)")  # the one-argument form: no setting
+    assert whole.setting is None and flag_message(whole, {"window_batch": "--batch-size"}) == str(whole)
+    copied = pickle.loads(pickle.dumps(error))  # e.g. raised in a worker process
+    assert (copied.setting, copied.problem, str(copied)) == (error.setting, error.problem, str(error))
 
 
 def test_bad_files_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="missing.toml: file not found"):
-        build_config({}, tmp_path / "missing.toml")
+    """File-level errors name the file (no flag) and carry it as ``file``; they have no setting."""
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError, match="missing.toml: file not found") as caught:
+        build_config({}, missing)
+    assert str(caught.value).startswith(str(missing)) and caught.value.file == missing
     broken = tmp_path / "broken.toml"
     broken.write_text("crop_size = [")
-    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML") as caught:
         build_config({}, broken)
+    assert str(caught.value).startswith(str(broken)) and caught.value.setting is None
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("crop = 3\n")
-    with pytest.raises(ConfigError, match="unknown setting 'crop'"):
+    with pytest.raises(ConfigError, match="unknown.toml: unknown setting 'crop'") as caught:
         build_config({}, unknown)
+    assert caught.value.file == unknown and "--config" not in str(caught.value)
 
 
 def test_defaults_are_the_dataclass():

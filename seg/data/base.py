@@ -56,7 +56,7 @@ def resolve_root(name: str, root: Union[str, os.PathLike, None], layout: str) ->
     Raises DataError naming the path and the expected ``layout`` when it does not exist.
     """
     if root is not None:
-        path, origin = Path(root), "--data-root"
+        path, origin = Path(root), "the given root"
     elif os.environ.get("SEG_DATA_ROOT"):
         path, origin = Path(os.environ["SEG_DATA_ROOT"]) / name, "$SEG_DATA_ROOT"
     else:
@@ -64,7 +64,7 @@ def resolve_root(name: str, root: Union[str, os.PathLike, None], layout: str) ->
     if not path.is_dir():
         raise DataError(
             f"{name} data not found at {path} ({origin}); expected {layout} "
-            f"(pass --data-root or set SEG_DATA_ROOT; see datasets/README.md)"
+            f"(pass the dataset's folder as root / data_root, or set SEG_DATA_ROOT; see datasets/README.md)"
         )
     return path
 

@@ -26,11 +26,10 @@ from .base import (
     require_split_dirs,
     resolve_root,
 )
-from .io import DataError, list_files
+from .io import IMAGE_SUFFIXES, DataError, list_files
 from .registry import DATASETS
 
 LAYOUT = "classes.txt, images/<split>/ and masks/<split>/ (see datasets/README.md)"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def read_class_list(path: Path) -> Tuple[List[str], Optional[List[Tuple[int, int, int]]]]:

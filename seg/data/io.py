@@ -9,27 +9,82 @@ Decompression bombs: a few kilobytes of PNG can declare 20000 x 20000 pixels, wh
 as RGB) before finding anything wrong. Both readers therefore read the size from the file's header first (Pillow
 parses headers lazily) and refuse images above ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`) with
 :class:`ImageTooLargeError`, before any pixel is decoded.
+
+Importing this module changes no OpenCV setting: the thread limit for the DataLoader workers is set in their
+init function (:func:`seg.data.loader.seed_worker`), and OpenCV's log level is raised to ERROR only while seg
+decodes (:func:`quiet_opencv`), so that OpenCV's own warnings about an unreadable file do not repeat the
+:class:`DataError` that names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-cv2.setNumThreads(1)  # DataLoader workers are the parallelism; OpenCV's own threads would oversubscribe the cores
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-
 PathLike = Union[str, os.PathLike]
+
+# The image files seg reads (lower-case suffixes): what a folder dataset lists and what seg.predict accepts.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # 100 megapixels: a 12000 x 8000 photo passes; the pixels alone take 300 MB as uint8 RGB.
 DEFAULT_MAX_PIXELS = 100_000_000
+
+# OpenCV's log level is process-wide: the first decode to enter quiet_opencv saves it and sets ERROR, the last one
+# to leave restores it, so threads decoding at once never restore it under each other.
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_saved_log_level: Optional[int] = None
+
+
+@contextlib.contextmanager
+def quiet_opencv() -> Iterator[None]:
+    """OpenCV's log level at ERROR inside the block (its warnings about unreadable files repeat the DataError
+    that names the file), the caller's level again after it. Safe when several threads decode at once."""
+    global _quiet_users, _saved_log_level
+    with _quiet_lock:
+        if _quiet_users == 0:
+            _saved_log_level = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                cv2.utils.logging.setLogLevel(_saved_log_level)
+                _saved_log_level = None
+
+
+def _before_fork() -> None:
+    _quiet_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _quiet_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (a DataLoader worker) has none of its parent's decoding threads: give it the program's log
+    level back if one was decoding at the fork, and a fresh lock (the parent's is held across the fork)."""
+    global _quiet_lock, _quiet_users, _saved_log_level
+    if _quiet_users:
+        cv2.utils.logging.setLogLevel(_saved_log_level)
+    _quiet_lock, _quiet_users, _saved_log_level = threading.Lock(), 0, None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: fork with the state consistent (no thread halfway through an update)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 class DataError(ValueError):
@@ -47,7 +102,7 @@ def check_pixel_limit(source: object, width: int, height: int, max_pixels: Optio
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
             f"{source}: image is {width}x{height} ({width * height / 1e6:.1f} megapixels), above the limit of "
-            f"{max_pixels / 1e6:g} megapixels (max_pixels / --max-pixels; raise it for trusted images)"
+            f"{max_pixels / 1e6:g} megapixels (max_pixels; raise it for trusted images)"
         )
 
 
@@ -133,7 +188,8 @@ def read_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -
     if max_pixels is not None:
         image_size(data, path, max_pixels)
     try:
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
+        with quiet_opencv():
+            image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
     except cv2.error as error:  # e.g. above OpenCV's own pixel ceiling
         raise DataError(f"{path}: not a readable image ({str(error).strip().splitlines()[-1]})") from None
     if image is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -99,8 +100,10 @@ class SeededSampler(Sampler):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's RNGs in a worker from the seed torch gave it (distinct per worker and per
-    loader iteration), for any randomness outside the seeded augmentation."""
+    """A DataLoader worker's set-up: OpenCV single-threaded (the workers are the parallelism; OpenCV's own threads
+    in every worker would oversubscribe the cores), and Python's and NumPy's RNGs seeded from the seed torch gave
+    it (distinct per worker and per loader iteration), for any randomness outside the seeded augmentation."""
+    cv2.setNumThreads(1)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

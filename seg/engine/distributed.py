@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from seg.config import ConfigError
 from seg.models.layers import SyncBatchNorm
 
 
@@ -27,15 +28,16 @@ class DistributedContext:
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU when there is one, else the CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` -> this process's GPU when there is one, else the CPU; ``cuda`` without a GPU, or another name, is
+    a :class:`~seg.config.ConfigError` about the ``device`` setting (a ValueError)."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+            raise ConfigError("device", f"{requested} was requested but no CUDA device is available; use cpu")
         return torch.device("cuda", local_rank if requested == "cuda" else int(requested.split(":")[1]))
     if requested != "cpu":
-        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
+        raise ConfigError("device", f"must be auto, cpu or cuda, got {requested!r}")
     return torch.device("cpu")
 
 

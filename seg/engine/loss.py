@@ -1,8 +1,8 @@
 """The training objective: cross-entropy of the main logits plus a weighted auxiliary term (ignore = 255), with
 optional per-class weights and online hard example mining (OHEM) of the main head's pixels.
 
-Kept apart from the training loop so that benchmarks and GPU checks measure the exact loss the trainer uses
-without importing the data stack.
+Kept apart from the training loop so that benchmarks and GPU checks measure the exact loss the trainer uses. The
+ignore value is the datasets' own (:data:`seg.data.base.IGNORE_INDEX`), imported from there.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-# The one ignore value inside seg, equal to seg.data.base.IGNORE_INDEX (tests/engine/test_loss.py checks it).
-IGNORE_INDEX = 255
+from seg.data.base import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

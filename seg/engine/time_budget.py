@@ -60,7 +60,7 @@ def fit_iterations_to_budget(budget_s: float, times: ProbeTimes,
 
     if available <= 0 or planned(1) > available:
         raise BudgetTooShortError(
-            f"--time-budget {budget_s / 60:g} min is too short: {times.elapsed:.0f} s went to start-up and the "
+            f"a time budget of {budget_s / 60:g} min is too short: {times.elapsed:.0f} s went to start-up and the "
             f"probe, and one iteration with its validation needs {planned(1):.0f} s more ({times.describe()})")
     # planned() grows with n (the derived intervals only round it): bisect below the steps-only bound.
     low, high = 1, max(1, math.floor(available / times.step))

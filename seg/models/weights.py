@@ -124,8 +124,8 @@ def _fetch(url: str, destination: Path, sha256_prefix: Optional[str], progress: 
         torch.hub.download_url_to_file(url, str(destination), hash_prefix=sha256_prefix, progress=progress)
     except (urllib.error.URLError, OSError) as error:
         raise PretrainedWeightsError(
-            f"could not download {url} ({error}); without network, pass a local weights file instead "
-            f"(--pretrained PATH) or start from random weights (--pretrained none, pretrained=None)"
+            f"could not download {url} ({error}); without network, use a local weights file instead "
+            f"(pretrained=PATH) or start from random weights (pretrained=none; None in code)"
         ) from None
     except RuntimeError as error:  # torch.hub's hash mismatch
         raise PretrainedWeightsError(f"{url}: {error}") from None

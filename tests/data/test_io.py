@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
 import warnings
 
 import cv2
@@ -11,7 +17,7 @@ import pytest
 from PIL import Image
 
 from seg.data import DataError, read_image, read_mask
-from seg.data.io import ImageTooLargeError
+from seg.data.io import ImageTooLargeError, quiet_opencv
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 56, 3), dtype=np.uint8)
@@ -148,3 +154,114 @@ def test_colour_coded_masks_are_refused(tmp_path):
     path = save(tmp_path / "colour.png", Image.fromarray(RGB))
     with pytest.raises(DataError, match="colour.png: colour mask"):
         read_mask(path)
+
+
+# The program's own OpenCV settings (deliberately not OpenCV's defaults nor what seg would set), then seg imported
+# and used: the settings must still be the program's.
+OPENCV_SETTINGS_SCRIPT = r"""
+import json, sys
+import cv2
+cv2.setNumThreads(3)
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_WARNING)
+n, level = cv2.getNumThreads(), cv2.utils.logging.getLogLevel()
+from seg import Segmenter
+import seg.data, seg.data.io, seg.data.loader
+after_import = [cv2.getNumThreads(), cv2.utils.logging.getLogLevel()]
+shape = list(seg.data.io.read_image(sys.argv[1]).shape)
+try:
+    seg.data.io.read_image(sys.argv[2])
+    broken = None
+except seg.data.io.DataError as error:
+    broken = str(error)
+print(json.dumps({"before": [n, level], "after_import": after_import, "shape": shape, "broken": broken,
+                  "after_decoding": [cv2.getNumThreads(), cv2.utils.logging.getLogLevel()]}))
+"""
+
+
+def test_importing_and_decoding_leave_the_programs_opencv_settings_alone(tmp_path):
+    """``from seg import Segmenter`` must not change OpenCV's thread count or log level for the whole program; the
+    decoders quieten OpenCV only while they decode (its warning about a broken file does not reach stderr)."""
+    good = save(tmp_path / "good.png", Image.fromarray(RGB))
+    buffer = io.BytesIO()
+    Image.fromarray(RGB).save(buffer, "PNG")
+    broken = tmp_path / "header-only.png"
+    broken.write_bytes(buffer.getvalue()[:40])  # OpenCV warns "PNG input buffer is incomplete" at WARNING
+    result = subprocess.run([sys.executable, "-c", OPENCV_SETTINGS_SCRIPT, str(good), str(broken)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["before"] == [3, cv2.utils.logging.LOG_LEVEL_WARNING]
+    assert seen["after_import"] == seen["before"]
+    assert seen["after_decoding"] == seen["before"]
+    assert seen["shape"] == [40, 56, 3]
+    assert seen["broken"] and "header-only.png: not a readable image" in seen["broken"]
+    assert "WARN" not in result.stderr, result.stderr[-2000:]
+
+
+def test_opencv_is_quiet_until_the_last_concurrent_decode_ends(tmp_path):
+    logging = cv2.utils.logging
+    saved = logging.getLogLevel()
+    try:
+        logging.setLogLevel(logging.LOG_LEVEL_INFO)
+        with quiet_opencv():
+            assert logging.getLogLevel() == logging.LOG_LEVEL_ERROR
+            with quiet_opencv():  # a second decode that starts and ends while the first runs
+                assert logging.getLogLevel() == logging.LOG_LEVEL_ERROR
+            assert logging.getLogLevel() == logging.LOG_LEVEL_ERROR  # the first still decodes: still quiet
+        assert logging.getLogLevel() == logging.LOG_LEVEL_INFO
+        path = save(tmp_path / "image.png", Image.fromarray(RGB))
+        failures = []
+
+        def decode_many():
+            try:
+                for _ in range(20):
+                    assert read_image(path).shape == (40, 56, 3)
+            except Exception as error:  # noqa: BLE001 - reported by the main thread
+                failures.append(error)
+
+        threads = [threading.Thread(target=decode_many) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures
+        assert logging.getLogLevel() == logging.LOG_LEVEL_INFO
+    finally:
+        logging.setLogLevel(saved)
+
+
+def _level_and_decode(path, results) -> None:
+    results.put((cv2.utils.logging.getLogLevel(), read_image(path).shape))
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="platform: no fork")
+def test_a_process_forked_mid_decode_gets_the_programs_level_and_can_decode(tmp_path):
+    """A DataLoader worker forked while another thread decodes: no deadlock on the decoders' lock, and the
+    worker's OpenCV log level is the program's, not the decoding thread's ERROR."""
+    logging = cv2.utils.logging
+    saved = logging.getLogLevel()
+    path = save(tmp_path / "image.png", Image.fromarray(RGB))
+    entered, leave = threading.Event(), threading.Event()
+
+    def decoding():
+        with quiet_opencv():
+            entered.set()
+            leave.wait(60)
+
+    thread = threading.Thread(target=decoding)
+    try:
+        logging.setLogLevel(logging.LOG_LEVEL_INFO)
+        thread.start()
+        assert entered.wait(60) and logging.getLogLevel() == logging.LOG_LEVEL_ERROR
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        child = context.Process(target=_level_and_decode, args=(path, results))
+        child.start()
+        level, shape = results.get(timeout=60)
+        child.join(60)
+        assert (level, shape, child.exitcode) == (logging.LOG_LEVEL_INFO, (40, 56, 3), 0)
+    finally:
+        leave.set()
+        thread.join()
+        assert logging.getLogLevel() == logging.LOG_LEVEL_INFO
+        logging.setLogLevel(saved)

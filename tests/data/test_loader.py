@@ -3,7 +3,10 @@ seed whatever the number of workers, differs per epoch, and resumes mid-epoch.""
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from seg.data import build_dataset, train_transforms
 from seg.data.loader import SeededSampler, build_dataloader
@@ -48,3 +51,32 @@ def test_augmentation_is_reproducible_whatever_the_workers():
         assert torch.equal(image_a, image_b) and torch.equal(mask_a, mask_b)
     other_epoch = batches(workers=0, epoch=1)
     assert not torch.equal(serial[0][0], other_epoch[0][0])
+
+
+class WorkerState(Dataset):
+    """Items that report the worker's OpenCV thread count and whether NumPy was seeded from torch's worker seed."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, key):
+        worker_seed = torch.initial_seed() % 2**32
+        seeded = np.array_equal(np.random.get_state()[1], np.random.RandomState(worker_seed).get_state()[1])
+        return {"opencv_threads": cv2.getNumThreads(), "numpy_seeded": seeded}
+
+
+def test_workers_run_opencv_single_threaded_and_seed_numpy():
+    """The workers are the parallelism: each runs OpenCV on one thread, whatever the program set (forked workers
+    would inherit it), while the main process keeps its own setting."""
+    own = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        loader = build_dataloader(WorkerState(), batch_size=2, train=False, workers=2, seed=0)
+        batches = list(loader)
+        del loader  # persistent workers end with it
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(own)
+    threads = torch.cat([batch["opencv_threads"] for batch in batches])
+    assert len(threads) == 6 and threads.eq(1).all(), threads
+    assert all(bool(batch["numpy_seeded"].all()) for batch in batches)

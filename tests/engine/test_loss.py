@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seg.data.base import IGNORE_INDEX as DATASET_IGNORE_INDEX
-from seg.engine.loss import IGNORE_INDEX, Ohem, hard_pixel_mask, segmentation_loss
+from seg.data.base import IGNORE_INDEX
+from seg.engine.loss import Ohem, hard_pixel_mask, segmentation_loss
 
 
 def _batch(seed: int = 0, classes: int = 4, size: int = 12):
@@ -37,7 +37,7 @@ def test_pixels_the_datasets_mark_ignored_change_neither_loss_nor_gradients(path
     ignored = torch.zeros(target.shape, dtype=torch.bool)
     ignored[:, :4] = True
     ignored[1, :, -3:] = True
-    target[ignored] = DATASET_IGNORE_INDEX
+    target[ignored] = IGNORE_INDEX
     loss, main_grad, aux_grad = _loss_and_gradient(main, aux, target, path)
 
     at_ignored = ignored[:, None].expand_as(main)
@@ -61,9 +61,9 @@ def test_the_ignore_value_is_not_a_class_even_where_it_could_be_one():
     generator = torch.Generator().manual_seed(8)
     logits = torch.randn(2, 256, 6, 6, generator=generator) * 3
     target = torch.randint(0, 256, (2, 6, 6), generator=generator)
-    target[0, :2] = DATASET_IGNORE_INDEX
-    target[1, :2] = DATASET_IGNORE_INDEX - 1
-    counted = target != DATASET_IGNORE_INDEX
+    target[0, :2] = IGNORE_INDEX
+    target[1, :2] = IGNORE_INDEX - 1
+    counted = target != IGNORE_INDEX
     negative_log_likelihood = -logits.log_softmax(1).gather(1, target[:, None])[:, 0]
     torch.testing.assert_close(segmentation_loss(logits, target, 0.0), negative_log_likelihood[counted].mean(),
                                rtol=1e-6, atol=0)
