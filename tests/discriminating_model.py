@@ -33,10 +33,9 @@ import torch.nn as nn
 from PIL import Image
 
 from seg.data.toy import PALETTE, toy_scene
+from seg.data.transforms import IMAGENET_MEAN as MEAN
+from seg.data.transforms import IMAGENET_STD as STD
 
-# ImageNet normalisation, typed here rather than imported, so the reference does not share seg's constants.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 CLASSES = ("background", "disc", "box", "stripe")
 PALETTE_ARRAY = np.array(PALETTE, np.uint8)
 CROP_SIZE, BASE_SIZE = 96, 128  # the training sizes stored in the checkpoint (the toy recipe's)
@@ -143,7 +142,7 @@ def fit_classifier(model: nn.Module, images: torch.Tensor, masks: np.ndarray) ->
 
 def write_discriminating_checkpoint(path: Path, seed: int = 0) -> Path:
     """Write the discriminating model (module docstring) to ``path`` with ``Trainer.save``: the trainer's payload
-    (weights, optimiser, schedule, RNG states, config, model_config, classes, palette, normalisation). The global
+    (the model card, weights, optimiser, schedule, RNG states, config). The global
     RNG state is left as it was."""
     from seg.engine.trainer import Trainer
 
@@ -160,12 +159,12 @@ def write_discriminating_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def reference_model(checkpoint: Path) -> nn.Module:
     """The checkpoint's network as plain float32 eval PyTorch: its state dict loaded into the architecture its
-    model_config names, with no batch norm folding, memory format or precision changes."""
+    model card names, with no batch norm folding, memory format or precision changes."""
+    from seg.engine.checkpoint import checkpoint_card
     from seg.models import build_segmentor
 
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    spec = dict(payload["model_config"])
-    model = build_segmentor(spec.pop("segmentor"), **spec)
+    model = build_segmentor(**checkpoint_card(payload, checkpoint).builder_arguments())
     model.load_state_dict(payload["model"])
     return model.eval()
 

@@ -262,3 +262,101 @@ def model_from_checkpoint(payload: Mapping[str, Any], source: Union[str, os.Path
                           ) -> torch.nn.Module:
     """Rebuild the segmentor a ``seg`` checkpoint's card describes and load its weights (eval mode, CPU)."""
     return model_from_card(checkpoint_card(payload, source), payload["model"], str(source))
+
+
+# ==================================================================================================================
+# The training checkpoint: what seg.engine.trainer writes into last.pth / best.pth and what resuming restores.
+#
+# A training checkpoint is the model card (everything inference needs: see seg.card) plus the training state, which
+# is everything that decides the next optimizer step, so that a killed run resumed from it ends with the weights of
+# an uninterrupted one: the weights, the optimiser, lr schedule and grad-scaler states, the iteration (which fixes
+# the position in the epoch), every rank's RNG states, the best validation mIoU, the skipped files already
+# reported, the logged history and the resolved training config.
+# ==================================================================================================================
+
+from dataclasses import dataclass, field  # noqa: E402 - kept with the section that needs them
+from typing import List, Sequence, Tuple  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+from seg.card import CardMetrics  # noqa: E402
+
+# The keys of a training checkpoint besides ``card`` (and ``format``, which save_checkpoint adds).
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "rng", "best_miou", "skipped_files",
+                       "history", "config")
+
+
+@dataclass
+class TrainingProgress:
+    """Where a run stands, besides its weights and optimiser: what :func:`restore_training_checkpoint` returns.
+
+    Attributes:
+        iteration: optimizer steps taken.
+        best_miou: the best validation mIoU so far (-1 before the first validation).
+        history: ``{"loss": [(iteration, value), ...], "lr": [...], "val mIoU": [...]}`` for the curves.
+        skipped_files: the replaced unreadable files already reported (skip_bad_samples).
+        metrics: the checkpoint card's metrics (its latest validation), () when it has none.
+    """
+
+    iteration: int = 0
+    best_miou: float = -1.0
+    history: Dict[str, List[Tuple[float, float]]] = field(
+        default_factory=lambda: {"loss": [], "lr": [], "val mIoU": []})
+    skipped_files: List[str] = field(default_factory=list)
+    metrics: Tuple[CardMetrics, ...] = ()
+
+
+def every_rank_rng_state(world_size: int) -> List[Dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (a collective when ``world_size`` > 1: every rank calls it)."""
+    if world_size == 1:
+        return [rng_state()]
+    states: List[Any] = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def training_checkpoint(*, card: ModelCard, model: torch.nn.Module, optimizer, scheduler, scaler, iteration: int,
+                        rng: Sequence[Mapping[str, Any]], best_miou: float, skipped_files: Sequence[str],
+                        history: Mapping[str, Sequence[Tuple[float, float]]], config: Mapping[str, Any]
+                        ) -> Dict[str, Any]:
+    """The payload of a training checkpoint (for :func:`save_checkpoint`): ``card`` as a dictionary, then the
+    training state (``rng``: :func:`every_rank_rng_state`; ``config``: the resolved training config's dictionary)."""
+    return {
+        "card": card.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iteration": iteration,
+        "rng": list(rng),
+        "best_miou": best_miou,
+        "skipped_files": list(skipped_files),
+        "history": {k: [list(p) for p in v] for k, v in history.items()},
+        "config": dict(config),
+    }
+
+
+def scheduled_iterations(payload: Mapping[str, Any]) -> int:
+    """The run length a training checkpoint was scheduled for (its config's ``iters``)."""
+    return int(payload["config"]["iters"])
+
+
+def restore_training_checkpoint(payload: Mapping[str, Any], *, model: torch.nn.Module, optimizer, scheduler, scaler,
+                                rank: int, world_size: int, source: Union[str, os.PathLike] = "checkpoint"
+                                ) -> TrainingProgress:
+    """Load a training checkpoint's state into ``model``, ``optimizer``, ``scheduler`` and ``scaler`` (built for
+    the same run), restore this rank's RNG states (when the checkpoint has one per rank of this world size, else
+    they stay as they are), and return the rest of the run's state."""
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    states = payload["rng"]
+    if len(states) == world_size:
+        restore_rng_state(states[rank])
+    metrics = ModelCard.from_dict(payload["card"], source=str(source)).metrics if "card" in payload else ()
+    return TrainingProgress(
+        iteration=int(payload["iteration"]), best_miou=float(payload["best_miou"]),
+        history={k: [tuple(p) for p in v] for k, v in payload["history"].items()},
+        skipped_files=list(payload.get("skipped_files", [])), metrics=metrics,
+    )

@@ -16,8 +16,6 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Autocast dtypes by the training and evaluation flag ``--amp`` ("off": float32, no autocast).
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,6 +76,22 @@ def resolve_precision(precision: str, device: Union[str, torch.device]) -> torch
     if device.type == "cpu" and cpu_matrix_units():
         return torch.bfloat16
     return torch.float32
+
+
+def autocast_dtype(amp: str, device: Union[str, torch.device]) -> Optional[torch.dtype]:
+    """The autocast dtype of the training setting ``amp`` on ``device``: None (float32, no autocast) for ``off``,
+    and for ``auto`` where :func:`resolve_precision` picks float32; else bfloat16 or float16.
+
+    Raises :class:`~seg.config.ConfigError` (a ValueError) about ``amp`` for an unknown setting.
+    """
+    if amp == "off":
+        return None
+    if amp not in ("auto", "bf16", "fp16"):
+        from seg.config import ConfigError  # the settings' error; precision itself needs nothing else of config
+
+        raise ConfigError("amp", f"must be one of auto, bf16, fp16, off, got {amp!r}")
+    dtype = resolve_precision(amp, device)
+    return None if dtype == torch.float32 else dtype
 
 
 def precision_name(dtype: Optional[torch.dtype]) -> str:

@@ -238,3 +238,75 @@ def test_a_full_disk_during_training_stops_with_one_line_naming_the_file(tmp_pat
     assert error == f"error: cannot write checkpoint {output / 'last.pth'}: No space left on device"
     assert not list(output.glob(".*.tmp")) and not (output / "last.pth").exists()
     assert load_checkpoint(output / "best.pth")["iteration"] == 1
+
+
+# ------------------------------------------------------------------------------------- the training schema
+
+
+def small_training_state(seed: int):
+    """A tiny model with its optimiser, schedule and scaler, after ``seed``-dependent steps (momentum buffers and
+    a moved schedule, so a restore that dropped anything would show)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(seed):
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    return model, optimizer, scheduler, scaler
+
+
+def test_a_training_checkpoint_holds_the_card_and_restores_the_exact_state(tmp_path):
+    from seg.card import CardMetrics, ModelCard
+    from seg.engine.checkpoint import (TRAINING_STATE_KEYS, checkpoint_card, every_rank_rng_state,
+                                       restore_training_checkpoint, scheduled_iterations, training_checkpoint)
+
+    card = ModelCard(segmentor="deeplabv3", backbone="resnest14", num_classes=2, classes=["background", "disc"],
+                     palette=[(0, 0, 0), (255, 0, 0)], dataset="toy", base_size=64, crop_size=48)
+    card = card.with_metrics(CardMetrics(dataset="toy", split="val", mIoU=0.5, pixAcc=0.75, iteration=3))
+    model, optimizer, scheduler, scaler = small_training_state(seed=3)
+    history = {"loss": [(1, 2.0), (2, 1.5)], "lr": [(1, 0.1), (2, 0.05)], "val mIoU": [(2, 0.5)]}
+    payload = training_checkpoint(card=card, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                  iteration=3, rng=every_rank_rng_state(1), best_miou=0.5,
+                                  skipped_files=["b.png: truncated"], history=history,
+                                  config={"iters": 10, "seed": 3})
+    save_checkpoint(payload, tmp_path / "last.pth")
+    expected_draws = torch.rand(5)  # what the run would draw next
+
+    loaded = load_checkpoint(tmp_path / "last.pth")
+    assert set(loaded) == {"format", "card", *TRAINING_STATE_KEYS}  # no loose model_config/classes/palette keys
+    assert checkpoint_card(loaded) == card
+    assert scheduled_iterations(loaded) == 10
+
+    torch.rand(7)  # the restoring process's RNG is elsewhere
+    fresh = small_training_state(seed=1)
+    progress = restore_training_checkpoint(loaded, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2],
+                                           scaler=fresh[3], rank=0, world_size=1)
+    assert torch.equal(torch.rand(5), expected_draws)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh[0].state_dict()[key], value), key
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    assert all(torch.equal(fresh[1].state[p]["momentum_buffer"], b) for p, b in zip(fresh[0].parameters(), buffers))
+    assert fresh[2].state_dict() == scheduler.state_dict()
+    assert (progress.iteration, progress.best_miou, progress.skipped_files) == (3, 0.5, ["b.png: truncated"])
+    assert progress.history == history and progress.metrics == card.metrics
+
+
+def test_rng_states_of_another_world_size_are_left_alone(tmp_path):
+    from seg.card import ModelCard
+    from seg.engine.checkpoint import restore_training_checkpoint, rng_state, training_checkpoint
+
+    card = ModelCard(segmentor="deeplabv3", backbone="resnest14", num_classes=1, classes=["thing"],
+                     palette=[(1, 2, 3)])
+    model, optimizer, scheduler, scaler = small_training_state(seed=0)
+    payload = training_checkpoint(card=card, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                  iteration=0, rng=[rng_state(), rng_state()], best_miou=-1.0, skipped_files=[],
+                                  history={"loss": []}, config={"iters": 1})
+    torch.rand(3)  # away from the saved states
+    state = torch.get_rng_state()
+    progress = restore_training_checkpoint(payload, model=model, optimizer=optimizer, scheduler=scheduler,
+                                           scaler=scaler, rank=0, world_size=1)  # two ranks saved, one resumes
+    assert torch.equal(torch.get_rng_state(), state)
+    assert progress.metrics == () and progress.iteration == 0

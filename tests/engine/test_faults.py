@@ -99,7 +99,7 @@ def test_an_unwritable_output_dir_fails_before_training(tmp_path):
     started = time.monotonic()
     result = train(*TINY, "--output-dir", str(blocker / "run"), timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip() == f"error: --output-dir {blocker / 'run'} is not writable: Not a directory"
+    assert result.stderr.strip() == f"error: output_dir {blocker / 'run'} is not writable: Not a directory"
     assert "training DeepLabV3" not in result.stdout
     assert time.monotonic() - started < 60  # seconds, not a training run's worth of time
 

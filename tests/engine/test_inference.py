@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seg.engine.inference import MS_SCALES, InferenceConfig, class_probabilities, predict_probabilities, window_starts
+from seg.config import ConfigError
+from seg.engine.inference import (MS_SCALES, NATIVE, InferenceConfig, InferenceOptions, class_probabilities,
+                                  predict_probabilities, resolve_inference, window_starts)
 from seg.models import build_segmentor
 
 
@@ -271,11 +273,15 @@ def test_whole_image_flip_averages_the_mirror_pass():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,message", [({"mode": "tiles"}, "--mode"), ({"scales": (0.5, -1.0)}, "--scales"),
-                                            ({"crop_size": 0}, "--crop-size"), ({"stride": 600}, "--stride")])
-def test_bad_settings_name_the_flag(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("kwargs,setting", [({"mode": "tiles"}, "mode"), ({"scales": (0.5, -1.0)}, "scales"),
+                                            ({"crop_size": 0}, "crop_size"), ({"stride": 600}, "stride"),
+                                            ({"window_batch": 0}, "window_batch")])
+def test_bad_settings_name_the_setting_not_a_flag(kwargs, setting):
+    """The library names the setting; each CLI words it with its own flag (seg.cli.flag_message)."""
+    with pytest.raises(ConfigError) as raised:
         InferenceConfig(**kwargs)
+    assert raised.value.setting == setting and str(raised.value).startswith(f"{setting} must be")
+    assert "--" not in str(raised.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -292,3 +298,45 @@ def test_class_probabilities_in_place_equal_the_plain_softmax(dtype):
     in_place = class_probabilities(channels_last, overwrite=True)
     assert torch.equal(in_place, out_of_place) and in_place.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(class_probabilities(logits), expected)  # NCHW
+
+
+def card_with(**fields):
+    from seg.card import ModelCard
+
+    return ModelCard(segmentor="deeplabv3", backbone="resnest14", num_classes=2, classes=["a", "b"],
+                     palette=[(0, 0, 0), (255, 255, 255)], **fields)
+
+
+def test_resolve_inference_takes_each_default_from_the_card():
+    card = card_with(crop_size=96, base_size=128, test_scales=(0.5, 1.0, 2.0))
+    assert resolve_inference(card) == InferenceConfig(mode="whole", crop_size=96, scales=(1.0,), base_size=128)
+    assert resolve_inference(card, InferenceOptions(ms_flip=True)) == InferenceConfig(
+        mode="slide", crop_size=96, scales=(0.5, 1.0, 2.0), flip=True, base_size=128)
+    # Scales without ms_flip multiply the base size too; NATIVE keeps the image's size; each option overrides.
+    assert resolve_inference(card, InferenceOptions(scales=(1.0, 1.5))).base_size == 128
+    assert resolve_inference(card, InferenceOptions(base_size=NATIVE)).base_size is None
+    chosen = resolve_inference(card, InferenceOptions(ms_flip=True, mode="whole", crop_size=64, stride=32,
+                                                      base_size=200, scales=(1.0,), window_batch=2))
+    assert chosen == InferenceConfig(mode="whole", crop_size=64, stride=32, scales=(1.0,), flip=True, base_size=200,
+                                     window_batch=2)
+    assert resolve_inference(card_with(base_size=None)).base_size is None  # a card without one: own size
+
+
+@pytest.mark.parametrize("flags,options", [
+    ([], {}),
+    (["--ms-flip"], {"ms_flip": True}),
+    (["--scales", "1.0,1.25"], {"scales": (1.0, 1.25)}),
+    (["--scales", "0.5,1.0", "--flip", "--mode", "slide"], {"scales": (0.5, 1.0), "flip": True, "mode": "slide"}),
+    (["--ms-flip", "--crop-size", "48", "--stride", "30"], {"ms_flip": True, "crop_size": 48, "stride": 30}),
+    (["--base-size", "0"], {"base_size": NATIVE}),
+    (["--base-size", "200", "--ms-flip"], {"base_size": 200, "ms_flip": True}),
+])
+def test_seg_eval_and_segmenter_mean_the_same_by_each_option(flags, options):
+    """The same option through seg.eval's flags and Segmenter's keyword arguments resolves to one config."""
+    import seg.eval as seg_eval
+    from seg import Segmenter
+
+    card = card_with(crop_size=96, base_size=128, test_scales=(0.75, 1.0))
+    segmenter = Segmenter(nn.Conv2d(3, 2, 1), card, device="cpu", precision="fp32")
+    args = seg_eval.parser().parse_args(flags)
+    assert resolve_inference(card, seg_eval.inference_options(args)) == segmenter.inference_config(**options)

@@ -28,6 +28,17 @@ def test_auto_is_bf16_only_on_cpus_with_bf16_units(monkeypatch, units, expected)
     assert precision.resolve_precision("fp16", "cpu") == torch.float16
 
 
+@pytest.mark.parametrize("units", ["AMX", ""])
+def test_autocast_dtype_of_the_amp_setting(monkeypatch, units):
+    monkeypatch.setattr(precision, "cpu_matrix_units", lambda: units)
+    assert precision.autocast_dtype("off", "cpu") is None
+    assert precision.autocast_dtype("auto", "cpu") == (torch.bfloat16 if units else None)  # fp32: no autocast
+    assert precision.autocast_dtype("bf16", "cpu") == torch.bfloat16
+    assert precision.autocast_dtype("fp16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="amp must be one of auto, bf16, fp16, off"):
+        precision.autocast_dtype("fp32", "cpu")
+
+
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16"):
         precision.resolve_precision("int8", "cpu")

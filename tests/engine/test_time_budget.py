@@ -8,13 +8,17 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from seg.engine.time_budget import (FINISH_RESERVE_S, SAFETY_MARGIN, BudgetTooShortError, ProbeTimes,
                                     events_of_schedule, fit_iterations_to_budget)
-from seg.engine.trainer import TEST_CRASH_VARIABLE
+
+# seg.train that SIGKILLs itself after the iteration in CRASH_VARIABLE (tests/crash_after_iteration.py).
+CRASH_SCRIPT = str(Path(__file__).resolve().parents[1] / "crash_after_iteration.py")
+CRASH_VARIABLE = "SEG_TEST_CRASH_AT_ITERATION"
 
 BUDGET_RUN = ["--dataset", "toy", "--batch-size", "2", "--crop-size", "48", "--base-size", "64", "--workers", "0",
               "--log-every", "1", "--seed", "5", "--val-limit", "4"]
@@ -60,12 +64,12 @@ def test_events_count_the_final_validation_and_the_best_checkpoints():
 
 def test_too_short_a_budget_says_why():
     times = ProbeTimes(step=2.0, validation=30.0, save=1.0, pictures=3.0, elapsed=25.0)
-    with pytest.raises(BudgetTooShortError, match=r"--time-budget 1 min is too short.*30.0 s/validation"):
+    with pytest.raises(BudgetTooShortError, match=r"a time budget of 1 min is too short.*30.0 s/validation"):
         fit_iterations_to_budget(60, times, lambda n: (1, 2))
 
 
-def _train(output, *extra, env=None, timeout=300):
-    command = [sys.executable, "-m", "seg.train", *BUDGET_RUN, "--output-dir", str(output), *extra]
+def _train(output, *extra, env=None, timeout=300, program=("-m", "seg.train")):
+    command = [sys.executable, *program, *BUDGET_RUN, "--output-dir", str(output), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -97,7 +101,7 @@ def test_a_budgeted_run_ends_inside_its_budget_with_a_complete_schedule(tmp_path
 
 def test_resume_keeps_the_probed_schedule_and_is_exact(tmp_path):
     crashed = _train(tmp_path / "run", "--time-budget", "0.5", "--checkpoint-every", "2",
-                     env={TEST_CRASH_VARIABLE: "3"})
+                     env={CRASH_VARIABLE: "3"}, program=(CRASH_SCRIPT,))
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     stored = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert stored["iteration"] == 2

@@ -19,11 +19,14 @@ import torch
 
 from seg.data import build_dataset, eval_transforms
 from seg.data.base import IGNORE_INDEX
-from seg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from seg.engine.checkpoint import checkpoint_card, load_checkpoint, model_from_checkpoint
 from seg.engine.evaluator import evaluate
 from seg.engine.inference import InferenceConfig
-from seg.engine.trainer import TEST_CRASH_VARIABLE
 from seg.models import build_segmentor
+
+# seg.train whose last rank SIGKILLs itself after the iteration in CRASH_VARIABLE (first attempt only).
+CRASH_SCRIPT = str(Path(__file__).resolve().parents[1] / "crash_after_iteration.py")
+CRASH_VARIABLE = "SEG_TEST_CRASH_AT_ITERATION"
 
 
 TWO_PROCESS_TRAINING = ["--dataset", "toy", "--iters", "4", "--batch-size", "2", "--crop-size", "48", "--base-size",
@@ -130,10 +133,10 @@ def batch_of_four_runs(tmp_path_factory):
 
 def initial_state(checkpoint: dict) -> dict:
     """The model state the run that wrote ``checkpoint`` started from: its seed's random weights."""
-    model_config = dict(checkpoint["model_config"])
+    card = checkpoint_card(checkpoint)
     with torch.random.fork_rng():
         torch.manual_seed(checkpoint["config"]["seed"])
-        return build_segmentor(model_config.pop("segmentor"), **model_config).state_dict()
+        return build_segmentor(**card.builder_arguments()).state_dict()
 
 
 # Two float32 runs of the same steps part by the order of their sums (all-reduces, per-rank partial sums), and
@@ -182,13 +185,13 @@ def test_two_processes_of_two_images_train_like_one_process_of_four(batch_of_fou
 
 
 def test_a_killed_worker_is_restarted_and_training_continues_from_the_last_checkpoint(two_process_run, tmp_path):
-    # The test hook makes rank 1 SIGKILL itself after iteration 2, before that iteration's checkpoint, in the
+    # The crash script makes rank 1 SIGKILL itself after iteration 2, before that iteration's checkpoint, in the
     # first attempt only; torchrun then restarts both workers, and --resume auto takes them on from iteration 1.
     reference, _ = two_process_run
     output = tmp_path / "restarted"
-    env = dict(os.environ, **{TEST_CRASH_VARIABLE: "2"})
+    env = dict(os.environ, **{CRASH_VARIABLE: "2"})
     result = torchrun(*TWO_PROCESS_TRAINING, "--val-limit", "1", "--checkpoint-every", "1", "--resume", "auto",
-                      "--output-dir", str(output), restarts=1, env=env)
+                      "--output-dir", str(output), restarts=1, env=env, program=(CRASH_SCRIPT,))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "from scratch" in result.stdout and "resumed at iteration 1" in result.stdout
     assert "exitcode: -9" in result.stderr  # rank 1 really died of SIGKILL

@@ -1,5 +1,5 @@
 """Trainer options of the from-scratch work: class weights reach the loss, --amp auto, validation at the training
-scale."""
+scale; the after-step hooks and the model card the trainer builds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from seg.config import build_config
-from seg.engine.precision import resolve_precision
+from seg.engine.checkpoint import load_checkpoint
+from seg.engine.inference import InferenceOptions, resolve_inference
+from seg.engine.inference import test_scales_for as dataset_test_scales  # not a test
+from seg.engine.precision import precision_name, resolve_precision
 from seg.engine.trainer import Trainer
 
 TINY = {"dataset": "toy", "iters": 2, "batch_size": 2, "crop_size": 48, "base_size": 64, "workers": 0,
@@ -56,9 +59,41 @@ def test_validation_runs_at_the_training_base_size(tmp_path):
     assert int(torch.as_tensor(metrics["confusion_matrix"]).sum()) == 2 * 128 * 128
 
 
+def test_after_step_hooks_run_after_each_step_before_its_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, checkpoint_every=1, eval_every=2, val_limit=1)
+    last = tmp_path / "run" / "last.pth"
+    seen = []
+
+    def hook(t: Trainer) -> None:
+        seen.append((t.iteration, load_checkpoint(last)["iteration"] if last.exists() else None))
+
+    trainer.after_step_hooks = [hook]  # this trainer's own; Trainer.after_step_hooks (process-wide) stays empty
+    trainer.run()
+    assert seen == [(1, None), (2, 1)]  # step N counted, its checkpoint not yet written
+    assert Trainer.after_step_hooks == []
+
+
+def test_the_model_is_built_from_the_card_and_validation_puts_its_metrics_on_it(tmp_path):
+    trainer = _trainer(tmp_path, aux=False, output_stride=16)
+    card = trainer.card
+    assert (card.segmentor, card.backbone, card.output_stride, card.aux) == ("deeplabv3", "resnest14", 16, False)
+    assert card.classes == tuple(trainer.train_set.classes) and (card.crop_size, card.base_size) == (48, 64)
+    assert card.test_scales == dataset_test_scales("toy") and card.metrics == ()
+    assert trainer.model.aux_head is None
+    # Validation: whole images at the training base size, the inference the card itself resolves to.
+    assert trainer.validation_inference == resolve_inference(card, InferenceOptions(amp_dtype=trainer.amp_dtype))
+    assert (trainer.validation_inference.mode, trainer.validation_inference.base_size) == ("whole", 64)
+    metrics = trainer.validate()
+    (measured,) = trainer.card.metrics
+    assert (measured.dataset, measured.split, measured.inference, measured.precision) == (
+        "toy", "val", "single-scale", precision_name(trainer.amp_dtype))
+    assert (measured.mIoU, measured.pixAcc, measured.iteration) == (metrics["mIoU"], metrics["pixAcc"], 0)
+
+
 @pytest.mark.parametrize("power", [-1.0, float("nan")])
 def test_bad_power_is_named(power):
     from seg.config import ConfigError
 
-    with pytest.raises(ConfigError, match="--class-weights-power"):
+    with pytest.raises(ConfigError, match="^class_weights_power ") as raised:
         build_config({**TINY, "class_weights_power": power})
+    assert raised.value.setting == "class_weights_power"

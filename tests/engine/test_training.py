@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import TINY_TRAINING as TINY
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.engine.checkpoint import checkpoint_card, load_checkpoint
 
 
 def train(*args, timeout=300, **kwargs):
@@ -43,13 +43,30 @@ def test_a_run_leaves_checkpoints_logs_and_pictures(uninterrupted):
         assert (output / name).is_file(), name
     assert "total batch 2 = 2 x 1 process(es) x 1 accumulation" in result.stdout
     checkpoint = load_checkpoint(output / "last.pth")
-    assert checkpoint["iteration"] == 8 and checkpoint["classes"] == ["background", "disc", "box", "stripe"]
-    assert checkpoint["model_config"]["backbone"] == "resnest14" and checkpoint["config"]["crop_size"] == 48
+    card = checkpoint_card(checkpoint)
+    assert checkpoint["iteration"] == 8 and card.classes == ("background", "disc", "box", "stripe")
+    assert card.backbone == "resnest14" and checkpoint["config"]["crop_size"] == 48
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert [r["iteration"] for r in records if "mIoU" in r] == [4, 8]
     assert "validation at iteration 8" in result.stdout or "validation at iteration 8" in result.stderr
+
+
+def test_checkpoints_carry_the_model_card_with_their_validation(uninterrupted):
+    output, _ = uninterrupted
+    validations = {r["iteration"]: r for r in map(json.loads, (output / "log.jsonl").read_text().splitlines())
+                   if "mIoU" in r}
+    for name in ("last.pth", "best.pth"):
+        payload = load_checkpoint(output / name)
+        assert not {"model_config", "classes", "palette", "normalisation", "dataset"} & set(payload), name
+        (measured,) = checkpoint_card(payload, name).metrics  # the latest validation (best.pth: the best one)
+        logged = validations[payload["iteration"]]
+        assert (measured.iteration, measured.mIoU, measured.pixAcc) == (payload["iteration"], logged["mIoU"],
+                                                                        logged["pixAcc"]), name
+        assert (measured.dataset, measured.split, measured.inference) == ("toy", "val", "single-scale"), name
+    assert load_checkpoint(output / "best.pth")["best_miou"] == validations[
+        load_checkpoint(output / "best.pth")["iteration"]]["mIoU"]
 
 
 def test_a_run_writes_its_logged_numbers_as_tensorboard_scalars(uninterrupted):
@@ -110,7 +127,7 @@ def test_without_network_the_default_weights_error_names_both_alternatives(share
                    "--iters", "1", "--output-dir", str(tmp_path / "out"), env=env, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert "resnest50-528c19ca.pth" in line and "--pretrained PATH" in line and "--pretrained none" in line
+    assert "resnest50-528c19ca.pth" in line and "pretrained=PATH" in line and "pretrained=none" in line
     assert "Traceback" not in result.stderr
 
 
