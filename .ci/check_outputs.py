@@ -4,6 +4,7 @@
     python .ci/check_outputs.py eval RUN/eval_toy_val.json --checkpoint RUN/best.pth --min-miou 0.5
     python .ci/check_outputs.py images WORK/images --ground-truth TRUTH --samples ../shared/data
     python .ci/check_outputs.py masks WORK/images MASKS --checkpoint RUN/best.pth --ground-truth TRUTH --min-miou 0.5
+    python .ci/check_outputs.py shared RUN/hf --checkpoint RUN/best.pth --images WORK/images
 
 Each prints ``CI: ok ...`` and exits 0, or prints every problem as ``CI: ...`` on stderr and exits 1. Run it with
 the virtual environment's Python (it imports ``seg``).
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from seg.data.toy import toy_scene
-from seg.engine.checkpoint import CheckpointError, load_checkpoint
+from seg.engine.checkpoint import CheckpointError, checkpoint_card, load_checkpoint
 
 RUN_FILES = ("best.pth", "last.pth", "log.jsonl", "curves.png", "prediction_overlay.png")
 # Toy scenes for prediction: not square and not the 128 x 128 of the toy splits, so a mask of the wrong size shows;
@@ -103,7 +104,7 @@ def write_images(images: Path, ground_truth: Path, samples: Path) -> str:
 
 def check_masks(images: Path, masks: Path, checkpoint: Path, ground_truth: Path, min_miou: float) -> str:
     """One mask per image, at the image's size, with class ids only; on the toy scenes, mIoU above ``min_miou``."""
-    num_classes = len(load_checkpoint(checkpoint)["classes"])
+    num_classes = checkpoint_card(load_checkpoint(checkpoint), checkpoint).num_classes
     inputs = sorted(p for p in images.iterdir() if p.is_file())
     if not inputs:
         raise CheckFailed(f"{images} holds no images")
@@ -137,6 +138,35 @@ def check_masks(images: Path, masks: Path, checkpoint: Path, ground_truth: Path,
     return f"{len(inputs)} masks in {masks}: image sizes, class ids 0..{num_classes - 1}, toy-scene mIoU {miou:.4f}"
 
 
+SHARED_FILES = ("README.md", "config.json", "model.safetensors")
+
+
+def check_shared(folder: Path, checkpoint: Path, images: Path) -> str:
+    """The README's "Share a model" folder: exactly the card, the safetensors weights and a README with Hub
+    metadata; Segmenter.from_pretrained loads it and predicts what the checkpoint predicts, mask for mask."""
+    from seg import Segmenter
+
+    if not folder.is_dir():
+        raise CheckFailed(f"{folder} is missing: seg.export --format hf wrote no folder there")
+    problems = []
+    found = sorted(p.name for p in folder.iterdir())
+    if found != sorted(SHARED_FILES):
+        problems.append(f"{folder} holds {found}, expected exactly {sorted(SHARED_FILES)}")
+    readme = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+    for line in ("library_name: seg", "pipeline_tag: image-segmentation"):
+        if line not in readme.split("---")[1 if readme.startswith("---") else 0]:
+            problems.append(f"{folder / 'README.md'}: the YAML metadata lacks '{line}'")
+    _fail_if(problems)
+    shared = Segmenter.from_pretrained(folder, device="cpu", precision="fp32")
+    original = Segmenter.from_checkpoint(checkpoint, device="cpu", precision="fp32")
+    inputs = sorted(p for p in images.iterdir() if p.is_file())
+    for path in inputs:
+        if not np.array_equal(shared.predict(path), original.predict(path)):
+            problems.append(f"{path}: the shared folder predicts another mask than {checkpoint}")
+    _fail_if(problems)
+    return f"shared folder {folder}: {', '.join(SHARED_FILES)}; {len(inputs)} masks equal to the checkpoint's"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="check_outputs.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +186,10 @@ def main(argv=None) -> int:
     masks.add_argument("--checkpoint", type=Path, required=True)
     masks.add_argument("--ground-truth", type=Path, required=True)
     masks.add_argument("--min-miou", type=float, required=True)
+    shared = commands.add_parser("shared", help="the folder written by python -m seg.export --format hf")
+    shared.add_argument("folder", type=Path)
+    shared.add_argument("--checkpoint", type=Path, required=True)
+    shared.add_argument("--images", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "training":
@@ -164,6 +198,8 @@ def main(argv=None) -> int:
             summary = check_eval(args.json, args.checkpoint, args.min_miou)
         elif args.command == "images":
             summary = write_images(args.images, args.ground_truth, args.samples)
+        elif args.command == "shared":
+            summary = check_shared(args.folder, args.checkpoint, args.images)
         else:
             summary = check_masks(args.images, args.masks, args.checkpoint, args.ground_truth, args.min_miou)
     except (CheckFailed, CheckpointError, OSError, ValueError) as error:

@@ -2,7 +2,9 @@
 
 Layout: ``seg.models`` (backbones, heads, registry, weight loading), ``seg.data`` (datasets, transforms,
 loaders), ``seg.engine`` (training loop, evaluation, inference modes, metrics, checkpoints, distributed),
-``seg.predictor`` (the :class:`Segmenter` API) and the CLIs ``seg.train``, ``seg.eval``, ``seg.predict``.
+``seg.card`` (the :class:`~seg.card.ModelCard` describing a trained model), ``seg.hub`` (shared model folders and
+Hub repos), ``seg.predictor`` (the :class:`Segmenter` API) and the CLIs ``seg.train``, ``seg.eval``, ``seg.predict``,
+``seg.export``.
 
     >>> from seg import Segmenter
     >>> mask = Segmenter.from_checkpoint("best.pth").predict("image.jpg")

@@ -15,23 +15,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from seg.config import RECIPES
+from seg.card import ModelCard, ModelCardError
+from seg.config import RECIPES, ConfigError, TrainConfig
 from seg.data import DataError, build_dataset, eval_transforms, list_datasets
-from seg.cli import (ArgumentParser, MAX_CROP_SIZE, checkpoint_problem, crop_size_type, int_in_range,
+from seg.cli import (ArgumentParser, MAX_CROP_SIZE, checkpoint_problem, crop_size_type, flag_message, int_in_range,
                      output_problem, parse_scales)
-from seg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from seg.engine.checkpoint import CheckpointError, checkpoint_card, load_checkpoint, model_from_card
 from seg.engine.distributed import init_distributed, shutdown_distributed
 from seg.engine.evaluator import evaluate
-from seg.engine.inference import MS_SCALES, InferenceConfig, inference_model
+from seg.engine.inference import (InferenceOptions, describe_inference, inference_model, resolve_inference,
+                                  test_scales_for)
 from seg.engine.metrics import format_metrics_table
 from seg.engine.precision import PRECISIONS, precision_name, resolve_precision
 from seg.engine.plots import overlay, save_confusion_matrix, save_per_class_iou, save_prediction_panels
+from seg.hub import HubError, read_model
 from seg.models import PretrainedWeightsError, build_segmentor, list_backbones
 
 def latest_checkpoint(root: Path = Path("outputs")) -> Optional[Path]:
@@ -47,8 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m seg.eval", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--checkpoint", type=Path, help="a seg checkpoint, or a PyTorch-Encoding DeepLab file with --backbone "
-        "(default: best.pth of the most recent run under outputs/)")
+    add("--checkpoint", type=Path, help="a seg checkpoint, a shared model folder or Hub repo id (owner/name), or a "
+        "PyTorch-Encoding DeepLab file with --backbone (default: best.pth of the most recent run under outputs/)")
     add("--backbone", help="backbone of a non-seg checkpoint")
     add("--dataset", help=f"one of {', '.join(list_datasets())} (default: the checkpoint's)")
     add("--data-root", help="the dataset's folder (default: the checkpoint's, else $SEG_DATA_ROOT/<dataset>)")
@@ -60,9 +63,9 @@ def parser() -> argparse.ArgumentParser:
     add("--crop-size", type=crop_size_type,
         help=f"window side for slide, 1 to {MAX_CROP_SIZE} (default: the training crop)")
     add("--stride", type=int_in_range(1), help="window step for slide, 1 to the crop size (default 2/3 crop)")
-    add("--base-size", type=int_in_range(1), help="long side that the scales multiply, also for single-scale "
-        "evaluation (default: the training base size, the scale the model was trained at; metrics are always at "
-        "the labels' resolution)")
+    add("--base-size", type=int_in_range(0), help="long side that the scales multiply, also for single-scale "
+        "evaluation (default: the training base size, the scale the model was trained at; 0: each image's own "
+        "size; metrics are always at the labels' resolution)")
     add("--batch-size", type=int_in_range(1), default=4, help="windows per forward pass in slide mode")
     add("--precision", choices=PRECISIONS, default="fp32", help="what the model computes in: fp32 (default, the "
         "benchmarks' numbers), bf16, fp16, or auto (bf16 on CPUs with AMX / AVX-512 BF16 and bf16 GPUs); softmax, "
@@ -79,14 +82,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(args, payload: Optional[dict], num_classes: int) -> torch.nn.Module:
-    """The model of a seg checkpoint ``payload``, else (None) of a state-dict file with --backbone."""
-    if payload is not None:
-        return model_from_checkpoint(payload)
-    # A published PyTorch-Encoding (or other state-dict) file: the architecture comes from the flags.
-    model = build_segmentor("deeplabv3", backbone=args.backbone, num_classes=num_classes,
-                            pretrained=str(args.checkpoint))
-    return model.eval()
+def foreign_card(backbone: str, dataset) -> ModelCard:
+    """The card of a published DeepLabV3 state-dict file (PyTorch-Encoding's): the architecture from
+    ``--backbone``, the sizes from the dataset's training recipe, the rest from the dataset."""
+    recipe = RECIPES.get(dataset.name, {})
+    return ModelCard.for_dataset(dataset, segmentor="deeplabv3", backbone=backbone, output_stride=8, aux=True,
+                                 crop_size=recipe.get("crop_size", TrainConfig.crop_size),
+                                 base_size=recipe.get("base_size", TrainConfig.base_size),
+                                 test_scales=test_scales_for(dataset.name))
+
+
+def load_model(card: ModelCard, weights: Optional[dict], source: Path) -> torch.nn.Module:
+    """The network of ``card`` with ``weights``; without them (a state-dict file with --backbone), the weights
+    are read from ``source`` in whichever published layout it has."""
+    if weights is not None:
+        return model_from_card(card, weights, str(source))
+    return build_segmentor(**card.builder_arguments(), pretrained=str(source)).eval()
+
+
+def inference_options(args) -> InferenceOptions:
+    """The flags as inference options: each flag is the option of the same name (``--batch-size``:
+    ``window_batch``), resolved against the card like ``Segmenter``'s keyword arguments."""
+    return InferenceOptions(ms_flip=args.ms_flip, scales=args.scales, flip=args.flip, mode=args.mode,
+                            crop_size=args.crop_size, stride=args.stride, base_size=args.base_size,
+                            window_batch=args.batch_size)
+
+
+def read_trained(args) -> Tuple[Optional[ModelCard], Optional[dict], dict]:
+    """(card, weights, training config) of --checkpoint; (None, None, {}) for a foreign state-dict file with
+    --backbone."""
+    if not args.checkpoint.is_file():
+        card, weights = read_model(args.checkpoint)  # a shared folder or Hub repo id
+        return card, weights, {}
+    try:
+        payload = load_checkpoint(args.checkpoint)
+    except CheckpointError:
+        if args.backbone is None:
+            raise  # without --backbone it can only be a seg checkpoint
+        return None, None, {}
+    return checkpoint_card(payload, args.checkpoint), payload["model"], payload.get("config", {})
 
 
 def main(argv=None) -> int:
@@ -110,7 +144,10 @@ def main(argv=None) -> int:
             p.error(f"{flag} {problem}")
     try:
         return run(args)
-    except (CheckpointError, DataError, PretrainedWeightsError, ValueError) as error:
+    except ConfigError as error:  # an inference option: worded with this command's flag
+        print(f"error: {flag_message(error, {'window_batch': '--batch-size'})}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError, HubError, ModelCardError, PretrainedWeightsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # an output that became unwritable after the checks above
@@ -122,15 +159,8 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     context = init_distributed(args.device)
-    payload = None
-    if args.checkpoint.is_file() or args.backbone is None:
-        try:
-            payload = load_checkpoint(args.checkpoint)
-        except CheckpointError:
-            if args.backbone is None:
-                raise  # without --backbone it can only be a seg checkpoint
-    trained = payload.get("config", {}) if payload is not None else {}
-    dataset_name = args.dataset or trained.get("dataset")
+    card, weights, trained = read_trained(args)
+    dataset_name = args.dataset or (card.dataset if card is not None else None)
     if dataset_name is None:
         raise ValueError(f"--dataset is needed: {args.checkpoint} does not name its dataset")
     if dataset_name not in list_datasets():
@@ -142,30 +172,22 @@ def run(args) -> int:
         dataset.samples = dataset.samples[: args.limit]
     if len(dataset) == 0:
         raise DataError(f"{dataset_name} {args.split} split has no samples" + (f" under {root}" if root else ""))
+    if card is None:
+        card = foreign_card(args.backbone, dataset)
     # Checked before the model is built: a checkpoint of another dataset fails at once.
-    if payload is not None and payload["model_config"]["num_classes"] != dataset.num_classes:
-        raise ValueError(f"{args.checkpoint} predicts {payload['model_config']['num_classes']} classes but "
-                         f"{dataset_name} has {dataset.num_classes}; pass the --dataset it was trained on")
+    if card.num_classes != dataset.num_classes:
+        raise ValueError(f"{args.checkpoint} predicts {card.num_classes} classes but {dataset_name} has "
+                         f"{dataset.num_classes}; pass the --dataset it was trained on")
     # Batch norm folded into the convolutions, channels_last, in the chosen precision: the same outputs in fp32
     # (tests/models/test_fusion.py), faster (bench/RESULTS.md).
     dtype = resolve_precision(args.precision, context.device)
-    model = inference_model(load_model(args, payload, dataset.num_classes), context.device, dtype,
-                            inplace=True)
-
-    recipe = RECIPES.get(dataset_name, {})
-    crop = args.crop_size or trained.get("crop_size") or recipe.get("crop_size", 512)
-    base = args.base_size or trained.get("base_size") or recipe.get("base_size")
-    scales = args.scales or (MS_SCALES.get(dataset_name, (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)) if args.ms_flip
-                             else (1.0,))
-    inference = InferenceConfig(
-        mode=args.mode or ("slide" if args.ms_flip else "whole"), crop_size=crop, stride=args.stride,
-        scales=scales, flip=args.flip or args.ms_flip, base_size=base,
-        window_batch=args.batch_size,
-    )
+    model = inference_model(load_model(card, weights, args.checkpoint), context.device, dtype, inplace=True)
+    inference = resolve_inference(card, inference_options(args))
     if context.is_main:
         print(f"evaluating {args.checkpoint} on {dataset_name} {args.split} ({len(dataset)} images), mode "
               f"{inference.mode}, scales {list(inference.scales)}, flip {inference.flip}"
-              + (f", base size {base}" if inference.base_size else "") + f", {precision_name(dtype)}", flush=True)
+              + (f", base size {inference.base_size}" if inference.base_size else ", each image at its own size")
+              + f", {precision_name(dtype)}", flush=True)
 
     def save_prediction(index: int, prediction: torch.Tensor) -> None:
         sample = dataset.samples[index]
@@ -189,7 +211,8 @@ def run(args) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     matrix = metrics.pop("confusion_matrix")
     record = {**metrics, "checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": args.split,
-              "images": len(dataset), "inference": {"mode": inference.mode, "scales": list(inference.scales),
+              "images": len(dataset), "inference": {"setting": describe_inference(inference),
+                                                    "mode": inference.mode, "scales": list(inference.scales),
                                                     "flip": inference.flip, "crop_size": inference.crop_size,
                                                     "base_size": inference.base_size,
                                                     "precision": precision_name(dtype)}}
@@ -197,9 +220,8 @@ def run(args) -> int:
     confusion_png = json_path.with_name(json_path.stem + "_confusion.png")
     save_confusion_matrix(matrix, dataset.classes, confusion_png)
     per_class_png = json_path.with_name(json_path.stem + "_per_class_iou.png")
-    mode = "multi-scale + flip" if len(inference.scales) > 1 and inference.flip else "single scale"
     save_per_class_iou({name: values["IoU"] for name, values in metrics["per_class"].items()}, per_class_png,
-                       title=f"{dataset_name} {args.split}, {mode}, {precision_name(dtype)}")
+                       title=f"{dataset_name} {args.split}, {describe_inference(inference)}, {precision_name(dtype)}")
     print(f"wrote {json_path}, {confusion_png} and {per_class_png}"
           + (f"; predictions in {args.save_pred}" if args.save_pred else ""))
     return 0

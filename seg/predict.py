@@ -18,14 +18,13 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from seg.data.io import DEFAULT_MAX_PIXELS, DataError
+from seg.data.io import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DataError
+from seg.card import ModelCardError
 from seg.engine.checkpoint import CheckpointError
+from seg.hub import HubError
 from seg.engine.precision import PRECISIONS
 from seg.cli import (ArgumentParser, MAX_CROP_SIZE, checkpoint_problem, crop_size_type, int_in_range,
                      output_problem, parse_scales)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
 
 def collect_inputs(paths) -> tuple:
     """(images found, missing paths): folders are searched recursively for image files, in sorted order."""
@@ -54,7 +53,7 @@ def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m seg.predict", description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("inputs", nargs="+", help="image files or folders")
-    add("--checkpoint", type=Path, required=True, help="a seg checkpoint")
+    add("--checkpoint", type=Path, required=True, help="a seg checkpoint, a shared model folder or a Hub repo id")
     add("--out", type=Path, required=True, help="output folder")
     add("--ms-flip", action="store_true", help="multi-scale + flip inference (slower, more accurate)")
     add("--scales", type=parse_scales, help="comma-separated scales, e.g. 0.75,1.0,1.25 (default with --ms-flip: "
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
         segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device, crop_size=args.crop_size,
                                               max_pixels=args.max_pixels or None, precision=args.precision)
         args.out.mkdir(parents=True, exist_ok=True)
-    except CheckpointError as error:
+    except (CheckpointError, HubError, ModelCardError) as error:
         print(f"error: --checkpoint: {error}", file=sys.stderr)
         return 2
     except OSError as error:

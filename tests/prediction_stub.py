@@ -25,3 +25,15 @@ class PredictionStub(torch.nn.Module):
         assert images.shape[0] == 1 and tuple(images.shape[2:]) == tuple(prediction.shape)
         logits = torch.zeros((1, self.num_classes) + tuple(prediction.shape))
         return logits.scatter_(1, prediction[None, None], 10.0)
+
+
+def card_checkpoint(path, dataset: str, num_classes: int, weights=None, **card_fields):
+    """Write a ``seg`` checkpoint of a DeepLabV3-ResNeSt14 card for ``dataset`` with ``num_classes`` classes and
+    ``weights`` (default: none, for a run whose network is a PredictionStub); returns its path."""
+    from seg.card import ModelCard
+    from seg.engine.checkpoint import save_checkpoint
+
+    card = ModelCard(segmentor="deeplabv3", backbone="resnest14", num_classes=num_classes,
+                     classes=[f"class{i}" for i in range(num_classes)], palette=[(0, 0, 0)] * num_classes,
+                     dataset=dataset, **card_fields)
+    return save_checkpoint({"model": weights or {}, "config": {"dataset": dataset}, "card": card.to_dict()}, path)

@@ -15,11 +15,10 @@ from PIL import Image
 import seg.eval as seg_eval
 from seg.data import build_dataset, eval_transforms
 from seg.data.base import IGNORE_INDEX
-from seg.engine.checkpoint import save_checkpoint
 from seg.engine.evaluator import evaluate
 from seg.engine.inference import InferenceConfig, inference_model
 from seg.models import build_segmentor
-from prediction_stub import PredictionStub
+from prediction_stub import PredictionStub, card_checkpoint
 
 
 def run_eval(*args, cwd=None, timeout=600):
@@ -122,11 +121,10 @@ def test_cityscapes_class_iou_agrees_with_the_official_evaluator(shared, tmp_pat
     predictions = [noisy_prediction(to_train_id[np.asarray(Image.open(gt))], rng) for gt in ground_truths]
 
     stub = PredictionStub(predictions, 19)
-    monkeypatch.setattr(seg_eval, "load_model", lambda args, payload, num_classes: stub)
+    monkeypatch.setattr(seg_eval, "load_model", lambda card, weights, source: stub)
     for plot in ("save_confusion_matrix", "save_per_class_iou"):  # not compared here; tested elsewhere
         monkeypatch.setattr(seg_eval, plot, lambda *args, **kwargs: None)
-    checkpoint = save_checkpoint({"model": {}, "config": {"dataset": "cityscapes"},
-                                  "model_config": {"num_classes": 19}}, tmp_path / "stub.pth")
+    checkpoint = card_checkpoint(tmp_path / "stub.pth", "cityscapes", 19)
     code = seg_eval.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--split", "train",
                           "--base-size", "1024", "--json", str(tmp_path / "m.json"), "--save-pred",
                           str(tmp_path / "pred"), "--workers", "0", "--device", "cpu"])
@@ -215,9 +213,7 @@ def test_a_split_without_labels_is_predicted_and_saved(shared, tmp_path):
     torch.manual_seed(0)
     model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=19).eval()
     checkpoint = tmp_path / "cityscapes.pth"
-    save_checkpoint({"model": model.state_dict(), "config": {"dataset": "cityscapes"},
-                     "model_config": {"segmentor": "deeplabv3", "backbone": "resnest14", "num_classes": 19,
-                                      "output_stride": 8, "aux": True}}, checkpoint)
+    card_checkpoint(checkpoint, "cityscapes", 19, weights=model.state_dict())
     # --base-size 256, the frame's own width: the recipe's 2048 would run the network at 64 times the pixels.
     result = run_eval("--checkpoint", str(checkpoint), "--data-root", str(root), "--split", "test",
                       "--base-size", "256", "--save-pred", str(tmp_path / "pred"), "--json", str(tmp_path / "m.json"),
@@ -240,11 +236,7 @@ def test_an_unreadable_validation_image_is_one_line_naming_it_whatever_the_worke
     bad = root / "images" / "val" / "y.png"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     model = build_segmentor("deeplabv3", backbone="resnest14", num_classes=4)
-    checkpoint = save_checkpoint(
-        {"model": model.state_dict(), "classes": ["a", "b", "c", "d"], "palette": [[0, 0, 0]] * 4,
-         "config": {"dataset": "folder"},
-         "model_config": {"segmentor": "deeplabv3", "backbone": "resnest14", "num_classes": 4}},
-        tmp_path / "four.pth")
+    checkpoint = card_checkpoint(tmp_path / "four.pth", "folder", 4, weights=model.state_dict())
     for workers in ("0", "1"):
         result = run_eval("--checkpoint", str(checkpoint), "--dataset", "folder", "--data-root", str(root),
                           "--workers", workers, "--device", "cpu", timeout=300)

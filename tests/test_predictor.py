@@ -28,8 +28,9 @@ from discriminating_model import (CLASSES, PALETTE_ARRAY, assert_mask_matches, n
 from seg import Segmenter
 from seg.data import build_dataset
 from seg.data.io import ImageTooLargeError
+from seg.card import ModelCard
 from seg.engine.inference import window_starts
-from seg.predictor import tile_spans
+from seg.predictor import NATIVE, banded_argmax, tile_spans
 
 # |segmenter - reference| in probability: batch norm folded, channels_last and another summation order; measured
 # differences are up to 2e-5, a fifth of this, and any real fault moves probabilities by tenths.
@@ -57,6 +58,13 @@ def context_model(classes: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(),
                                torch.nn.Conv2d(8, classes, 5, padding=2)).eval()
+
+
+def card_of(classes: int, **fields) -> ModelCard:
+    """A card for a stand-in model with ``classes`` classes, normalisation mean 0.5 and std 0.25."""
+    return ModelCard(segmentor="deeplabv3", backbone="resnest14", num_classes=classes,
+                     classes=[f"class{i}" for i in range(classes)], palette=[(0, 0, 0)] * classes,
+                     mean=(0.5,) * 3, std=(0.25,) * 3, **fields)
 
 
 def toy_image(index: int) -> np.ndarray:
@@ -136,13 +144,41 @@ def ms_reference(model, rgb: np.ndarray, scales, base_size: int, crop: int) -> n
     return (total / len(scales))[0].numpy()
 
 
+def base_size_reference(model, rgb: np.ndarray, base_size: int) -> np.ndarray:
+    """Single-scale prediction at the training scale written out: resize so the long side is base_size, softmax,
+    resize the probabilities back to the image."""
+    height, width = rgb.shape[:2]
+    factor = base_size / max(height, width)
+    size = (int(height * factor + 0.5), int(width * factor + 0.5))
+    with torch.no_grad():
+        view = F.interpolate(normalise(rgb), size=size, mode="bilinear", align_corners=True)
+        probabilities = model(view).softmax(1)
+        return F.interpolate(probabilities, size=(height, width), mode="bilinear", align_corners=True)[0].numpy()
+
+
+def test_images_are_predicted_at_the_training_base_size_unless_asked_otherwise(segmenter, reference):
+    """The default is seg.eval's: the long side resized to the card's base size (128), predicted whole, the
+    probabilities resized back; base_size=NATIVE keeps the image's own size."""
+    image = toy_image(1)[:70, :90]
+    at_base = base_size_reference(reference, image, 128)
+    native = reference_probabilities(reference, image)
+    assert (at_base.argmax(0) != native.argmax(0)).mean() > 0.02  # the two settings are told apart
+    assert_probabilities_match(segmenter.predict_proba(image), at_base, "default: the base size")
+    assert_mask_matches(segmenter.predict(image), at_base, "default: the base size")
+    assert_probabilities_match(segmenter.predict_proba(image, base_size=NATIVE), native, "NATIVE")
+    assert_probabilities_match(segmenter.predict_proba(image, base_size=64), base_size_reference(reference, image, 64),
+                               "base_size 64")
+    config = segmenter.inference_config(scales=(1.0, 1.5))
+    assert (config.base_size, config.scales, config.flip, config.mode) == (128, (1.0, 1.5), False, "whole")
+
+
 def test_probabilities_batches_and_pictures(segmenter, reference):
     images = [toy_image(i)[: 40 + 7 * i, : 50 + 3 * i] for i in range(3)]
     expected = [reference_probabilities(reference, image) for image in images]
-    probabilities = segmenter.predict_proba(images[0])
+    probabilities = segmenter.predict_proba(images[0], base_size=NATIVE)
     assert_probabilities_match(probabilities, expected[0])
     assert np.allclose(probabilities.sum(0), 1, atol=1e-5)
-    masks = segmenter.predict_batch(images)
+    masks = segmenter.predict_batch(images, base_size=NATIVE)
     assert [m.shape for m in masks] == [(40, 50), (47, 53), (54, 56)]
     for index, (mask, reference_probability) in enumerate(zip(masks, expected)):
         assert_mask_matches(mask, reference_probability, f"batch image {index}")
@@ -275,8 +311,8 @@ def slide_reference(model, rgb: np.ndarray, crop: int, stride: int) -> np.ndarra
 def test_large_images_slide_tile_by_tile_and_equal_one_slide_pass(discriminating_checkpoint, reference,
                                                                    monkeypatch):
     crop = 32
-    segmenter = Segmenter.from_checkpoint(discriminating_checkpoint, device="cpu", crop_size=crop,
-                                          max_whole_pixels=64 * 64, precision="fp32")
+    segmenter = Segmenter.from_pretrained(discriminating_checkpoint, device="cpu", crop_size=crop,
+                                          base_size=NATIVE, max_whole_pixels=64 * 64, precision="fp32")
     image = np.asarray(Image.fromarray(toy_image(3)).resize((157, 131), Image.BILINEAR))
     tiles = []
     original = seg.predictor.predict_probabilities
@@ -301,8 +337,7 @@ def test_large_images_slide_tile_by_tile_and_equal_one_slide_pass(discriminating
 
 def test_images_above_max_pixels_are_refused_from_their_header(tmp_path):
     big = blank_png(tmp_path / "big.png", 20000, 20000)
-    segmenter = Segmenter(context_model(), ["a", "b", "c"], np.zeros((3, 3), np.uint8), (0.5,) * 3, (0.25,) * 3,
-                          device="cpu", max_pixels=10_000_000)
+    segmenter = Segmenter(context_model(), card_of(3), device="cpu", max_pixels=10_000_000)
     limit = "above the limit of 10 megapixels"
     with pytest.raises(ImageTooLargeError, match=f"big.png: image is 20000x20000 .*{limit}"):
         segmenter.predict(big)
@@ -323,10 +358,13 @@ def test_a_decompression_bomb_costs_no_memory(tmp_path):
     script = f"""
 import json, resource, time
 import numpy as np, torch
+from seg.card import ModelCard
 from seg.predictor import Segmenter
 from seg.data.io import ImageTooLargeError
 model = torch.nn.Conv2d(3, 2, 1)
-segmenter = Segmenter(model, ["a", "b"], np.zeros((2, 3), np.uint8), (0.5,) * 3, (0.25,) * 3, device="cpu")
+card = ModelCard(segmentor="deeplabv3", backbone="resnest14", num_classes=2, classes=["a", "b"],
+                 palette=[(0, 0, 0)] * 2)
+segmenter = Segmenter(model, card, device="cpu")
 segmenter.predict(np.zeros((64, 64, 3), np.uint8))  # warm up the allocator and the kernels
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
@@ -345,3 +383,36 @@ print(json.dumps({{"seconds": time.perf_counter() - started, "message": message,
         measured["message"]
     assert measured["growth_kb"] < 50_000, measured
     assert measured["seconds"] < 1.0, measured
+
+
+def test_banded_argmax_is_the_argmax_of_one_bilinear_resize():
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.rand(5, 9, 13, generator=generator).softmax(0)
+    full = F.interpolate(probabilities[None], size=(61, 47), mode="bilinear", align_corners=True)[0].numpy()
+    decided = np.sort(full, axis=0)[-1] - np.sort(full, axis=0)[-2] >= 1e-5
+    assert decided.mean() > 0.99
+    masks = [banded_argmax(probabilities, (61, 47), max_band_pixels=band) for band in (1, 47 * 7, 10**9)]
+    assert all(np.array_equal(mask, masks[0]) for mask in masks[1:])  # band size changes nothing, bit for bit
+    assert np.array_equal(masks[0][decided], full.argmax(0)[decided])
+    assert banded_argmax(probabilities[:, :1, :1], (3, 4), 5).shape == (3, 4)  # a 1x1 map: constant
+
+
+def test_large_images_at_the_base_size_are_reduced_to_ids_band_by_band(discriminating_checkpoint, reference,
+                                                                        monkeypatch):
+    """Above max_whole_pixels, resized to the base size: the network sees the resized image once, and the
+    probabilities go back to the image's size a band of rows at a time, never as one (C, H, W) array."""
+    segmenter = Segmenter.from_checkpoint(discriminating_checkpoint, device="cpu", max_whole_pixels=40 * 40,
+                                          precision="fp32")
+    image = np.asarray(Image.fromarray(toy_image(2)).resize((157, 131), Image.BILINEAR))
+    bands = []
+    original = seg.predictor.banded_argmax
+
+    def recording(probabilities, size, max_band_pixels):
+        bands.append((tuple(probabilities.shape), size, max_band_pixels))
+        return original(probabilities, size, max_band_pixels)
+
+    monkeypatch.setattr(seg.predictor, "banded_argmax", recording)
+    mask = segmenter.predict(image)
+    assert bands == [((len(CLASSES), 107, 128), (131, 157), 40 * 40)]  # the long side 157 -> base size 128
+    assert mask.shape == (131, 157) and mask.dtype == np.uint8
+    assert_mask_matches(mask, base_size_reference(reference, image, 128), "banded")

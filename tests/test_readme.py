@@ -88,12 +88,10 @@ def check_outputs():
 
 @pytest.fixture
 def toy_checkpoint(tmp_path):
-    """A seg checkpoint with the toy classes (only its class list is read by the mask check)."""
-    from seg.engine.checkpoint import save_checkpoint
+    """A seg checkpoint of a card with the toy classes (only its class count is read by the mask check)."""
+    from prediction_stub import card_checkpoint
 
-    path = tmp_path / "best.pth"
-    save_checkpoint({"classes": ["background", "disc", "box", "stripe"]}, path)
-    return path
+    return card_checkpoint(tmp_path / "best.pth", "toy", 4)
 
 
 def _eval_json(path: Path, checkpoint: Path, **overrides) -> Path:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seg.config import ConfigError
 from seg.models.fusion import fuse_conv_bn
 from seg.models.segmentors import Segmentor, upsample_logits
 
@@ -73,13 +74,15 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("whole", "slide"):
-            raise ValueError(f"--mode must be whole or slide, got {self.mode!r}")
+            raise ConfigError("mode", f"must be whole or slide, got {self.mode!r}")
         if self.crop_size <= 0:
-            raise ValueError(f"--crop-size must be positive, got {self.crop_size}")
+            raise ConfigError("crop_size", f"must be positive, got {self.crop_size}")
         if self.stride is not None and not 0 < self.stride <= self.crop_size:
-            raise ValueError(f"--stride must be in 1..crop size ({self.crop_size}), got {self.stride}")
+            raise ConfigError("stride", f"must be in 1..crop size ({self.crop_size}), got {self.stride}")
         if not self.scales or any(not (s > 0 and math.isfinite(s)) for s in self.scales):
-            raise ValueError(f"--scales must be positive numbers, got {list(self.scales)}")
+            raise ConfigError("scales", f"must be positive numbers, got {list(self.scales)}")
+        if self.window_batch < 1:
+            raise ConfigError("window_batch", f"must be positive, got {self.window_batch}")
 
     @property
     def views(self) -> int:

@@ -29,8 +29,7 @@ from PIL import Image
 import seg.eval as seg_eval
 from seg.data import DataError, build_dataset, list_datasets, read_mask
 from seg.data.base import IGNORE_INDEX
-from seg.engine.checkpoint import save_checkpoint
-from prediction_stub import PredictionStub
+from prediction_stub import PredictionStub, card_checkpoint
 
 
 @dataclass
@@ -174,11 +173,10 @@ def test_a_prediction_of_every_class_saved_by_eval_reads_back_as_that_class(name
     mask_path, stem = write(root, image, reference.stored(classes))  # ground truth: the prediction itself
 
     stub = PredictionStub([classes], len(reference.names))
-    monkeypatch.setattr(seg_eval, "load_model", lambda args, payload, num_classes: stub)
+    monkeypatch.setattr(seg_eval, "load_model", lambda card, weights, source: stub)
     for plot in ("save_confusion_matrix", "save_per_class_iou"):  # seconds for 150 classes; tested elsewhere
         monkeypatch.setattr(seg_eval, plot, lambda *args, **kwargs: None)
-    checkpoint = save_checkpoint({"model": {}, "config": {"dataset": name},
-                                  "model_config": {"num_classes": len(reference.names)}}, tmp_path / "stub.pth")
+    checkpoint = card_checkpoint(tmp_path / "stub.pth", name, len(reference.names))
     # --base-size: the image's own long side, so the prediction is made at its resolution, unresized.
     code = seg_eval.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--save-pred",
                           str(tmp_path / "pred"), "--json", str(tmp_path / "m.json"), "--base-size",
