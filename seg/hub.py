@@ -215,6 +215,9 @@ def model_card_markdown(card: ModelCard, repo_id: Optional[str] = None) -> str:
                       f"      split: {metrics.split}", "    metrics:",
                       "    - type: mean_iou", f"      value: {round(100 * metrics.mIoU, 2)}",
                       f"      name: {_yaml_string(f'mIoU ({setting})')}",
+                      "      args:", f"        inference: {_yaml_string(metrics.inference)}",
+                      f"        precision: {_yaml_string(metrics.precision)}",
+                      f"        convention: {_yaml_string(metrics.convention)}",
                       "    - type: pixel_accuracy", f"      value: {round(100 * metrics.pixAcc, 2)}",
                       f"      name: {_yaml_string(f'pixAcc ({setting})')}"]
     lines.append("---")

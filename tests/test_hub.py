@@ -81,7 +81,10 @@ def test_save_pretrained_writes_the_card_safetensors_and_a_hub_readme(trained, t
     names = [m["name"] for r in results for m in r["metrics"]]
     assert "mIoU (ms+flip, fp32)" in names and "mIoU (single-scale, fp32)" in names
     ms_flip = next(r for r in results if "mIoU (ms+flip, fp32)" in [m["name"] for m in r["metrics"]])
-    assert ms_flip["metrics"][0] == {"type": "mean_iou", "value": 87.12, "name": "mIoU (ms+flip, fp32)"}
+    assert ms_flip["metrics"][0] == {"type": "mean_iou", "value": 87.12, "name": "mIoU (ms+flip, fp32)",
+                                     "args": {"inference": "ms+flip", "precision": "fp32",
+                                              "convention": "mean over classes with a non-empty union "
+                                                            "(mmsegmentation)"}}
     assert "non-empty union" in (folder / README_NAME).read_text()  # the mIoU convention is stated
 
     assert_same_predictions(Segmenter.from_pretrained(folder, device="cpu", precision="fp32"), masks)
