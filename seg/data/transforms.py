@@ -201,6 +201,18 @@ class SegmentationTransform:
         return f"SegmentationTransform({self.compose!r})"
 
 
+class HueSaturationShift(A.HueSaturationValue):
+    """albumentations' HueSaturationValue, also on a single pixel: its HSV shift (albumentations 2.0.8) crashes on a
+    1 x 1 image (IndexError in the grayscale mask of its saturation step), which a 1-pixel crop or image reaches.
+    That pixel is shifted as a 1 x 2 image of itself, so the result is the transform's own."""
+
+    def apply(self, img: np.ndarray, hue_shift: int, sat_shift: int, val_shift: int, **params: Any) -> np.ndarray:
+        if img.shape[0] * img.shape[1] == 1:
+            doubled = np.concatenate([img, img], axis=1)
+            return super().apply(doubled, hue_shift, sat_shift, val_shift, **params)[:, :1]
+        return super().apply(img, hue_shift, sat_shift, val_shift, **params)
+
+
 def train_transforms(
     crop_size: Size = 512,
     base_size: int = 520,
@@ -219,7 +231,7 @@ def train_transforms(
         # mmsegmentation's PhotoMetricDistortion in spirit: brightness +-32/255, contrast 0.5-1.5, hue and
         # saturation shifts, each applied half the time; all LUT-based on uint8, so cheap.
         steps.append(A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.5, p=0.5))
-        steps.append(A.HueSaturationValue(hue_shift_limit=18, sat_shift_limit=30, val_shift_limit=0, p=0.5))
+        steps.append(HueSaturationShift(hue_shift_limit=18, sat_shift_limit=30, val_shift_limit=0, p=0.5))
     return SegmentationTransform(A.Compose(steps), mean, std)
 
 

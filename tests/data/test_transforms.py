@@ -144,3 +144,17 @@ def test_real_samples_through_the_train_pipeline(shared):
         out = dataset[(index, index)]
         stored = set(np.unique(dataset.load(index)["mask"]).tolist())
         assert set(out["mask"].unique().tolist()) <= stored | {255}
+
+
+def test_the_hue_saturation_shift_of_one_pixel_is_that_of_the_pixel_in_a_larger_image():
+    """albumentations' HueSaturationValue crashes on 1 x 1 images; seg's wrapper gives the shift the pixel gets
+    inside a larger image."""
+    from seg.data.transforms import HueSaturationShift
+
+    shift = HueSaturationShift(p=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pixel = rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)
+        params = {"hue_shift": int(rng.integers(-18, 19)), "sat_shift": int(rng.integers(-30, 31)), "val_shift": 0}
+        strip = shift.apply(np.repeat(pixel, 3, axis=1), **params)
+        assert np.array_equal(shift.apply(pixel, **params), strip[:, :1]), params

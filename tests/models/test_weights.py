@@ -72,7 +72,7 @@ def test_hash_mismatch_fails_and_caches_nothing(tmp_path, monkeypatch, isolated_
 def test_unreachable_release_names_both_alternatives(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere" / "resnest14-x.pth"
     publish(monkeypatch, "resnest14", PublishedWeights(missing.as_uri(), "resnest14", "12345678"))
-    with pytest.raises(PretrainedWeightsError, match="local weights file.*pretrained=None"):
+    with pytest.raises(PretrainedWeightsError, match="local weights file.*pretrained=none"):
         build_backbone("resnest14", pretrained="resnest14")
 
 
