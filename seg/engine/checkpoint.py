@@ -16,13 +16,15 @@ import random
 import tempfile
 import zipfile
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from seg.card import ModelCard, ModelCardError
+from seg.card import CardMetrics, ModelCard, ModelCardError
 from seg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CHECKPOINT_FORMAT = "seg-checkpoint-v1"
@@ -274,13 +276,6 @@ def model_from_checkpoint(payload: Mapping[str, Any], source: Union[str, os.Path
 # reported, the logged history and the resolved training config.
 # ==================================================================================================================
 
-from dataclasses import dataclass, field  # noqa: E402 - kept with the section that needs them
-from typing import List, Sequence, Tuple  # noqa: E402
-
-import torch.distributed as dist  # noqa: E402
-
-from seg.card import CardMetrics  # noqa: E402
-
 # The keys of a training checkpoint besides ``card`` (and ``format``, which save_checkpoint adds).
 TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "rng", "best_miou", "skipped_files",
                        "history", "config")
@@ -354,7 +349,7 @@ def restore_training_checkpoint(payload: Mapping[str, Any], *, model: torch.nn.M
     states = payload["rng"]
     if len(states) == world_size:
         restore_rng_state(states[rank])
-    metrics = ModelCard.from_dict(payload["card"], source=str(source)).metrics if "card" in payload else ()
+    metrics = checkpoint_card(payload, source).metrics  # () for a checkpoint written before the card
     return TrainingProgress(
         iteration=int(payload["iteration"]), best_miou=float(payload["best_miou"]),
         history={k: [tuple(p) for p in v] for k, v in payload["history"].items()},
