@@ -346,8 +346,32 @@ class Segmenter:
 
     def predict_batch(self, images: Sequence[ImageInput], ms_flip: Optional[bool] = None,
                       scales: Optional[Sequence[float]] = None, **options: Any) -> List[np.ndarray]:
-        """One mask per image (images of different sizes are fine)."""
-        return [self.predict(image, ms_flip, scales, **options) for image in images]
+        """One (H, W) mask per image, as :meth:`predict` gives it; images of different sizes are fine.
+
+        Images of the same size go through the network together, in batches of at most ``max_whole_pixels``
+        pixels (a service's concurrent requests in one forward pass: ``seg.serve --max-batch``). Larger images
+        are predicted one at a time, as by :meth:`predict`.
+        """
+        config = self.inference_config(ms_flip, scales, **options)
+        dtype = np.uint8 if self.num_classes < 256 else np.int32
+        rgbs = [self.read(image) for image in images]
+        masks: List[Optional[np.ndarray]] = [None] * len(rgbs)
+        same_size: Dict[Tuple[int, int], List[int]] = {}
+        for index, rgb in enumerate(rgbs):
+            if self._is_large(rgb):
+                masks[index] = self.predict(rgb, ms_flip, scales, **options)
+            else:
+                same_size.setdefault(rgb.shape[:2], []).append(index)
+        with torch.inference_mode():
+            for (height, width), indices in same_size.items():
+                per_pass = max(1, self.max_whole_pixels // (height * width))
+                for first in range(0, len(indices), per_pass):
+                    chunk = indices[first : first + per_pass]
+                    batch = torch.cat([self._tensor(rgbs[index]) for index in chunk])
+                    labels = predict_probabilities(self.model, batch, config).argmax(1).cpu().numpy()
+                    for index, label in zip(chunk, labels):
+                        masks[index] = label.astype(dtype)
+        return masks  # type: ignore[return-value]
 
     def colorize(self, mask: np.ndarray) -> Image.Image:
         """The mask in the palette's colours."""
@@ -357,11 +381,15 @@ class Segmenter:
         """The image with the coloured mask blended over it."""
         return overlay(self.read(image), np.asarray(mask), self.palette, alpha)
 
-    def save_mask(self, mask: np.ndarray, path: Union[str, os.PathLike]) -> None:
-        """A palette PNG: pixel values are class ids, viewers show the palette's colours."""
+    def mask_image(self, mask: np.ndarray) -> Image.Image:
+        """A palette ("P") image of the mask: pixel values are class ids, viewers show the palette's colours."""
         image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
         flat = np.zeros((256, 3), dtype=np.uint8)
         flat[: len(self.palette)] = self.palette
         image.putpalette(flat.ravel().tolist())
+        return image
+
+    def save_mask(self, mask: np.ndarray, path: Union[str, os.PathLike]) -> None:
+        """The mask as a palette PNG (:meth:`mask_image`)."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        self.mask_image(mask).save(path)

@@ -196,6 +196,32 @@ def test_probabilities_batches_and_pictures(segmenter, reference):
     assert overlay.shape == blend.shape and np.abs(overlay - blend).max() <= 1
 
 
+def test_same_size_images_are_batched_into_one_pass_with_the_masks_of_one_at_a_time(segmenter, monkeypatch):
+    import seg.predictor as predictor
+
+    images = [toy_image(i) for i in range(5)] + [toy_image(5)[:100, :90]]  # five of one size, one of another
+    alone = [segmenter.predict(image) for image in images]
+    alone_ms = [segmenter.predict(image, ms_flip=True) for image in images[:3]]
+    batch_sizes = []
+    forward = predictor.predict_probabilities
+
+    def recording(model, batch, config):
+        batch_sizes.append(batch.shape[0])
+        return forward(model, batch, config)
+
+    monkeypatch.setattr(predictor, "predict_probabilities", recording)
+    together = segmenter.predict_batch(images)
+    assert sorted(batch_sizes) == [1, 5]
+    for index, (expected, got) in enumerate(zip(alone, together)):
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), f"image {index}"
+    assert all(np.array_equal(a, b) for a, b in zip(alone_ms, segmenter.predict_batch(images[:3], ms_flip=True)))
+    # A pass holds at most max_whole_pixels pixels: two 128 x 128 images per pass here.
+    batch_sizes.clear()
+    monkeypatch.setattr(segmenter, "max_whole_pixels", 2 * 128 * 128)
+    assert all(np.array_equal(a, b) for a, b in zip(alone[:5], segmenter.predict_batch(images[:5])))
+    assert batch_sizes == [2, 2, 1]
+
+
 def test_threads_predicting_different_images_each_get_their_own_answer(segmenter, reference, monkeypatch):
     """One Segmenter, four threads, four different images of one size (so a buffer or cache shared between calls
     would be reused), each predicting its image twice; every answer is its own image's.

@@ -178,23 +178,32 @@ def image_size(data: Union[bytes, np.ndarray], source: object = "image",
         return opened.size
 
 
-def read_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an image file to an (H, W, 3) uint8 RGB array, EXIF orientation applied.
+def decode_image(data: Union[bytes, np.ndarray], source: object = "image",
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (a file's, an upload's) -> (H, W, 3) uint8 RGB, EXIF orientation applied.
 
     Images whose header declares more than ``max_pixels`` pixels (None: no limit) raise
-    :class:`ImageTooLargeError` before decoding; OpenCV's own ceiling (2**30 pixels) still applies.
+    :class:`ImageTooLargeError` before decoding; OpenCV's own ceiling (2**30 pixels) still applies. Data that
+    does not decode (not an image, truncated, corrupt) raises :class:`DataError` naming ``source``.
     """
-    data = _read_bytes(path)
+    data = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if data.size == 0:
+        raise DataError(f"{source}: empty (0 bytes)")
     if max_pixels is not None:
-        image_size(data, path, max_pixels)
+        image_size(data, source, max_pixels)
     try:
         with quiet_opencv():
             image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
     except cv2.error as error:  # e.g. above OpenCV's own pixel ceiling
-        raise DataError(f"{path}: not a readable image ({str(error).strip().splitlines()[-1]})") from None
+        raise DataError(f"{source}: not a readable image ({str(error).strip().splitlines()[-1]})") from None
     if image is None:
-        raise DataError(f"{path}: not a readable image (truncated or corrupt, or an unsupported format)")
+        raise DataError(f"{source}: not a readable image (truncated or corrupt, or an unsupported format)")
     return image
+
+
+def read_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file to an (H, W, 3) uint8 RGB array, EXIF orientation applied (:func:`decode_image`)."""
+    return decode_image(_read_bytes(path), path, max_pixels)
 
 
 def read_mask(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
