@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,8 @@ import torch.nn as nn
 
 from seg.config import ConfigError
 from seg.models.layers import SyncBatchNorm
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,22 @@ class StopVote:
         still writing the checkpoint."""
         if self.group is not None:
             dist.barrier(group=self.group)
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> List[T]:
+    """Rank ``rank``'s share of ``items``: positions ``rank``, ``rank + world_size``, ... The shares of ranks 0 to
+    ``world_size - 1`` partition ``items`` (each item in exactly one share; the first ``len % world_size`` shares
+    one item longer), and one process (``world_size`` 1) takes them all."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of {world_size} process(es)")
+    return list(items[rank::world_size])
+
+
+def object_group() -> Optional[dist.ProcessGroup]:
+    """The group to exchange small Python objects on (``all_gather_object``, ``broadcast_object_list``): the
+    default group when it is gloo (``None``), else a new gloo group of every rank, so that a CUDA run does not
+    pickle them through NCCL device buffers. Creating one is a collective: every rank calls this."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def shutdown_distributed() -> None:

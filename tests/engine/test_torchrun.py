@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,17 +119,28 @@ sys.exit(main())
 
 
 @pytest.fixture(scope="module")
-def batch_of_four_runs(tmp_path_factory):
-    """(output folder, result) of 2 processes x batch 2 under torchrun and of 1 process x batch 4, without dropout."""
-    base = tmp_path_factory.mktemp("batch_of_four")
-    script = base / "train_without_dropout.py"
+def train_without_dropout(tmp_path_factory) -> Path:
+    """TRAIN_WITHOUT_DROPOUT as a script file."""
+    script = tmp_path_factory.mktemp("batch_of_four") / "train_without_dropout.py"
     script.write_text(TRAIN_WITHOUT_DROPOUT)
-    two = base / "two_processes"
-    two_result = torchrun(*BATCH_OF_FOUR, "--batch-size", "2", "--output-dir", str(two), program=(str(script),))
-    one = base / "one_process"
-    one_result = subprocess.run([sys.executable, str(script), *BATCH_OF_FOUR, "--batch-size", "4", "--output-dir",
-                                 str(one)], capture_output=True, text=True, timeout=600)
-    return (two, two_result), (one, one_result)
+    return script
+
+
+@pytest.fixture(scope="module")
+def one_process_of_four(train_without_dropout, tmp_path_factory):
+    """(output folder, result) of 1 process x batch 4, without dropout: what the distributed runs must reach."""
+    one = tmp_path_factory.mktemp("one_process")
+    return one, subprocess.run([sys.executable, str(train_without_dropout), *BATCH_OF_FOUR, "--batch-size", "4",
+                                "--output-dir", str(one)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def batch_of_four_runs(train_without_dropout, one_process_of_four, tmp_path_factory):
+    """(output folder, result) of 2 processes x batch 2 under torchrun and of 1 process x batch 4, without dropout."""
+    two = tmp_path_factory.mktemp("two_processes")
+    two_result = torchrun(*BATCH_OF_FOUR, "--batch-size", "2", "--output-dir", str(two),
+                          program=(str(train_without_dropout),))
+    return (two, two_result), one_process_of_four
 
 
 def initial_state(checkpoint: dict) -> dict:
@@ -159,8 +171,12 @@ def test_two_processes_of_two_images_train_like_one_process_of_four(batch_of_fou
     assert "total batch 4 = 4 x 1 process(es) x 1 accumulation" in one_result.stdout
     assert "batch norm classes: SyncBatchNorm\n" in two_result.stdout
     assert "batch norm classes: BatchNorm2d\n" in one_result.stdout
+    assert_trained_alike(load_checkpoint(two / "last.pth"), load_checkpoint(one / "last.pth"))
 
-    distributed, single = load_checkpoint(two / "last.pth"), load_checkpoint(one / "last.pth")
+
+def assert_trained_alike(distributed: dict, single: dict) -> None:
+    """The checkpoint of a distributed run holds the weights and BatchNorm statistics of ``single``'s one process
+    after the same two steps, to float noise (SHARE_OF_THE_UPDATE of how far training moved each tensor)."""
     assert distributed["iteration"] == single["iteration"] == 2
     assert distributed["model"].keys() == single["model"].keys()
     initial = initial_state(single)
@@ -182,6 +198,65 @@ def test_two_processes_of_two_images_train_like_one_process_of_four(batch_of_fou
         compared_statistics += key.endswith("running_var")
     batch_norm_layers = sum(key.endswith("running_var") for key in single["model"])
     assert compared_statistics == batch_norm_layers > 30  # the pooled ones (ASPP image pool, attention gates) too
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (free when probed: the caller binds it soon after)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_nodes(*args, program, folder: Path, nodes: int = 2, timeout: float = 600) -> list:
+    """``torchrun --nnodes=N --nproc_per_node=1`` with c10d rendezvous on 127.0.0.1: one launcher per "node",
+    started together, as on N machines; each node's (returncode, stdout, stderr). One that has not ended within
+    ``timeout`` seconds (a rendezvous that never completes, a hung collective) fails the test, every launcher and
+    worker killed."""
+    port = free_port()  # the c10d store's, which the first launcher to get there serves
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=seg-test-{os.getpid()}-{port}",
+               "--local-addr=127.0.0.1", *program, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one worker per core, as torchrun sets for several per node
+    logs = [(folder / f"node{node}.out", folder / f"node{node}.err") for node in range(nodes)]
+    launchers = []
+    try:
+        for out, err in logs:  # files, not pipes: no launcher blocks on a full pipe while another is waited for
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                launchers.append(subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env,
+                                                  start_new_session=True))
+        deadline = time.monotonic() + timeout
+        for node, launcher in enumerate(launchers):
+            try:
+                launcher.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"node {node} of {nodes} had not ended after {timeout:g} s; its stderr ends: "
+                            + logs[node][1].read_text()[-2000:])
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:  # (a launcher that ended has ended its worker)
+                os.killpg(launcher.pid, signal.SIGKILL)  # it and its worker: the session it leads
+                launcher.wait()
+    return [subprocess.CompletedProcess(command, launcher.returncode, out.read_text(), err.read_text())
+            for launcher, (out, err) in zip(launchers, logs)]
+
+
+def test_torchrun_nnodes_2_of_one_process_each_train_like_one_process_of_four(train_without_dropout,
+                                                                             one_process_of_four, tmp_path):
+    """Two machines of one process each, on loopback (``--nnodes=2``, c10d rendezvous): rank and local rank now
+    differ (both workers are local rank 0, one of them rank 1), and the run still reaches one process x batch 4's
+    weights. Both nodes get the same --output-dir; rank 0, on whichever node the rendezvous made it, writes."""
+    output = tmp_path / "two_nodes"
+    results = torchrun_nodes(*BATCH_OF_FOUR, "--batch-size", "2", "--output-dir", str(output),
+                             program=(str(train_without_dropout),), folder=tmp_path)
+    for node, result in enumerate(results):
+        assert result.returncode == 0, f"node {node}: " + result.stderr[-3000:]
+    stdout = [result.stdout for result in results]
+    announced = [text.count("total batch 4 = 2 x 2 process(es) x 1 accumulation") for text in stdout]
+    assert sorted(announced) == [0, 1], stdout  # once, by rank 0, on one node
+    assert "batch norm classes: SyncBatchNorm\n" in stdout[announced.index(1)]
+    one, one_result = one_process_of_four
+    assert one_result.returncode == 0, one_result.stderr[-3000:]
+    assert_trained_alike(load_checkpoint(output / "last.pth"), load_checkpoint(one / "last.pth"))
 
 
 def test_a_killed_worker_is_restarted_and_training_continues_from_the_last_checkpoint(two_process_run, tmp_path):
