@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # 100 megapixels: a 12000 x 8000 photo passes; the pixels alone take 300 MB as uint8 RGB.
 DEFAULT_MAX_PIXELS = 100_000_000
 
-# OpenCV's log level is process-wide: the first decode to enter quiet_opencv saves it and sets ERROR, the last one
+# OpenCV's log level is process-wide: the first decode to enter quiet_opencv saves it and sets FATAL, the last one
 # to leave restores it, so threads decoding at once never restore it under each other.
 _quiet_lock = threading.Lock()
 _quiet_users = 0
@@ -47,13 +47,14 @@ _saved_log_level: Optional[int] = None
 
 @contextlib.contextmanager
 def quiet_opencv() -> Iterator[None]:
-    """OpenCV's log level at ERROR inside the block (its warnings about unreadable files repeat the DataError
-    that names the file), the caller's level again after it. Safe when several threads decode at once."""
+    """OpenCV's log level at FATAL inside the block (what it logs about an unreadable file, at WARNING or, since
+    OpenCV 5, at ERROR, repeats the DataError that names it: a service would log every bad upload twice), the
+    caller's level again after it. Safe when several threads decode at once."""
     global _quiet_users, _saved_log_level
     with _quiet_lock:
         if _quiet_users == 0:
             _saved_log_level = cv2.utils.logging.getLogLevel()
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
         _quiet_users += 1
     try:
         yield

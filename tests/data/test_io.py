@@ -168,11 +168,12 @@ from seg import Segmenter
 import seg.data, seg.data.io, seg.data.loader
 after_import = [cv2.getNumThreads(), cv2.utils.logging.getLogLevel()]
 shape = list(seg.data.io.read_image(sys.argv[1]).shape)
-try:
-    seg.data.io.read_image(sys.argv[2])
-    broken = None
-except seg.data.io.DataError as error:
-    broken = str(error)
+broken = []
+for path in sys.argv[2:]:
+    try:
+        seg.data.io.read_image(path)
+    except seg.data.io.DataError as error:
+        broken.append(str(error))
 print(json.dumps({"before": [n, level], "after_import": after_import, "shape": shape, "broken": broken,
                   "after_decoding": [cv2.getNumThreads(), cv2.utils.logging.getLogLevel()]}))
 """
@@ -186,7 +187,9 @@ def test_importing_and_decoding_leave_the_programs_opencv_settings_alone(tmp_pat
     Image.fromarray(RGB).save(buffer, "PNG")
     broken = tmp_path / "header-only.png"
     broken.write_bytes(buffer.getvalue()[:40])  # OpenCV warns "PNG input buffer is incomplete" at WARNING
-    result = subprocess.run([sys.executable, "-c", OPENCV_SETTINGS_SCRIPT, str(good), str(broken)],
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")  # OpenCV 5 logs "imdecode_(''): can't read header" at ERROR
+    result = subprocess.run([sys.executable, "-c", OPENCV_SETTINGS_SCRIPT, str(good), str(broken), str(text)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
@@ -194,8 +197,9 @@ def test_importing_and_decoding_leave_the_programs_opencv_settings_alone(tmp_pat
     assert seen["after_import"] == seen["before"]
     assert seen["after_decoding"] == seen["before"]
     assert seen["shape"] == [40, 56, 3]
-    assert seen["broken"] and "header-only.png: not a readable image" in seen["broken"]
-    assert "WARN" not in result.stderr, result.stderr[-2000:]
+    assert len(seen["broken"]) == 2 and "header-only.png: not a readable image" in seen["broken"][0]
+    assert "notes.png: not a readable image" in seen["broken"][1]
+    assert "WARN" not in result.stderr and "ERROR" not in result.stderr, result.stderr[-2000:]
 
 
 def test_opencv_is_quiet_until_the_last_concurrent_decode_ends(tmp_path):
@@ -204,10 +208,10 @@ def test_opencv_is_quiet_until_the_last_concurrent_decode_ends(tmp_path):
     try:
         logging.setLogLevel(logging.LOG_LEVEL_INFO)
         with quiet_opencv():
-            assert logging.getLogLevel() == logging.LOG_LEVEL_ERROR
+            assert logging.getLogLevel() == logging.LOG_LEVEL_FATAL
             with quiet_opencv():  # a second decode that starts and ends while the first runs
-                assert logging.getLogLevel() == logging.LOG_LEVEL_ERROR
-            assert logging.getLogLevel() == logging.LOG_LEVEL_ERROR  # the first still decodes: still quiet
+                assert logging.getLogLevel() == logging.LOG_LEVEL_FATAL
+            assert logging.getLogLevel() == logging.LOG_LEVEL_FATAL  # the first still decodes: still quiet
         assert logging.getLogLevel() == logging.LOG_LEVEL_INFO
         path = save(tmp_path / "image.png", Image.fromarray(RGB))
         failures = []
@@ -252,7 +256,7 @@ def test_a_process_forked_mid_decode_gets_the_programs_level_and_can_decode(tmp_
     try:
         logging.setLogLevel(logging.LOG_LEVEL_INFO)
         thread.start()
-        assert entered.wait(60) and logging.getLogLevel() == logging.LOG_LEVEL_ERROR
+        assert entered.wait(60) and logging.getLogLevel() == logging.LOG_LEVEL_FATAL
         context = multiprocessing.get_context("fork")
         results = context.Queue()
         child = context.Process(target=_level_and_decode, args=(path, results))
