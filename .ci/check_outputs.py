@@ -5,6 +5,7 @@
     python .ci/check_outputs.py images WORK/images --ground-truth TRUTH --samples ../shared/data
     python .ci/check_outputs.py masks WORK/images MASKS --checkpoint RUN/best.pth --ground-truth TRUTH --min-miou 0.5
     python .ci/check_outputs.py shared RUN/hf --checkpoint RUN/best.pth --images WORK/images
+    python .ci/check_outputs.py served --command "README'S SERVE LINE" --checkpoint RUN/best.pth --images WORK/images
 
 Each prints ``CI: ok ...`` and exits 0, or prints every problem as ``CI: ...`` on stderr and exits 1. Run it with
 the virtual environment's Python (it imports ``seg``).
@@ -167,6 +168,88 @@ def check_shared(folder: Path, checkpoint: Path, images: Path) -> str:
     return f"shared folder {folder}: {', '.join(SHARED_FILES)}; {len(inputs)} masks equal to the checkpoint's"
 
 
+SERVICE_URL = "http://127.0.0.1:8000"  # the README's serve line runs seg.serve's default host and port
+
+
+def _http(method: str, url: str, body: bytes = None, timeout: float = 120):
+    """(status, headers, body) of one request, HTTP errors included (urllib raises them)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def check_served(command: str, checkpoint: Path, images: Path) -> str:
+    """The README's serve line, run as a user would (in its own session, so SIGTERM reaches the service and
+    not this script): it becomes ready, predicts the masks Segmenter predicts for each image, serves the page and
+    the card, refuses a non-image with one-line JSON, and exits after SIGTERM."""
+    import io
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.error
+
+    from seg import Segmenter
+
+    service = subprocess.Popen(["bash", "-c", command], start_new_session=True)
+    problems: List[str] = []
+    try:
+        deadline = time.monotonic() + 600  # the line installs the serve extra first
+        while True:
+            if service.poll() is not None:
+                raise CheckFailed(f"the serve line exited with status {service.returncode} before it was ready")
+            try:
+                if _http("GET", SERVICE_URL + "/readyz", timeout=5)[0] == 200:
+                    break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise CheckFailed(f"{SERVICE_URL}/readyz did not answer 200 within 600 s")
+            time.sleep(0.5)
+        reference = Segmenter.from_checkpoint(checkpoint)  # the service's defaults: device and precision auto
+        inputs = sorted(p for p in images.iterdir() if p.is_file())
+        for path in inputs:
+            status, headers, body = _http("POST", SERVICE_URL + "/v1/predict", path.read_bytes())
+            if status != 200 or headers.get("content-type") != "image/png":
+                problems.append(f"POST {path.name}: status {status}, {headers.get('content-type')}: {body[:200]!r}")
+            elif not np.array_equal(np.asarray(Image.open(io.BytesIO(body))), reference.predict(path)):
+                problems.append(f"POST {path.name}: the service's mask differs from Segmenter.predict's")
+        status, _, page = _http("GET", SERVICE_URL + "/")
+        if status != 200 or b'id="legend"' not in page:
+            problems.append(f"GET /: status {status}, or the page has no legend")
+        status, _, card = _http("GET", SERVICE_URL + "/v1/model")
+        if status != 200 or json.loads(card).get("classes") != list(reference.classes):
+            problems.append(f"GET /v1/model: status {status}, or not the checkpoint's classes")
+        status, _, refusal = _http("POST", SERVICE_URL + "/v1/predict", b"not an image")
+        if status != 415 or list(json.loads(refusal)) != ["error"]:
+            problems.append(f"POST of a non-image: status {status} {refusal[:200]!r}, expected 415 and one error")
+    finally:
+        os.killpg(service.pid, signal.SIGTERM)
+        try:
+            service.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.pid, signal.SIGKILL)
+            problems.append("the serve line did not exit within 120 s of SIGTERM")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # bash has exited; the service drains, then exits
+        try:
+            os.killpg(service.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(service.pid, signal.SIGKILL)
+        problems.append("the service was still running 60 s after SIGTERM")
+    _fail_if(problems)
+    return f"the serve line: ready, {len(inputs)} masks equal to Segmenter's, page, card, 415, SIGTERM"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="check_outputs.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +273,10 @@ def main(argv=None) -> int:
     shared.add_argument("folder", type=Path)
     shared.add_argument("--checkpoint", type=Path, required=True)
     shared.add_argument("--images", type=Path, required=True)
+    served = commands.add_parser("served", help="the README's serve line, started and stopped here")
+    served.add_argument("--command", dest="command_line", required=True)
+    served.add_argument("--checkpoint", type=Path, required=True)
+    served.add_argument("--images", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "training":
@@ -200,6 +287,8 @@ def main(argv=None) -> int:
             summary = write_images(args.images, args.ground_truth, args.samples)
         elif args.command == "shared":
             summary = check_shared(args.folder, args.checkpoint, args.images)
+        elif args.command == "served":
+            summary = check_served(args.command_line, args.checkpoint, args.images)
         else:
             summary = check_masks(args.images, args.masks, args.checkpoint, args.ground_truth, args.min_miou)
     except (CheckFailed, CheckpointError, OSError, ValueError) as error:
