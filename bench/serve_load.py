@@ -5,8 +5,10 @@ Each case starts a fresh service process (uvicorn, the real command line) and dr
 ``--clients`` concurrent clients of ``--requests`` sequential requests each (a 503 is counted and the client goes
 on at once). Cases:
 
-- ``sequential``: one client; its median latency minus the bare predict time is the service's overhead (HTTP,
-  decoding the upload, encoding the PNG);
+- ``sequential``: one client; the service's overhead is each request's round trip minus the model's time in
+  the service (its ``Server-Timing: predict``), the median over requests (HTTP, decoding the upload, encoding
+  the PNG, threads); the round trip minus the bare predict time is printed too, but it also holds the
+  machine's drift between the two measurements (the bare predict is timed before and after the cases);
 - ``under the limit``: ``--queue`` >= the clients, so no request may fail;
 - ``above the limit``: a queue of 2 for more clients: the surplus must get 503 (and only 503);
 - ``micro-batching``: ``--max-batch`` = the clients, concurrent requests in one forward pass.
@@ -129,6 +131,7 @@ async def drive(port: int, data: bytes, clients: int, requests: int) -> Dict[str
     import httpx
 
     latencies: List[float] = []
+    outside_model: List[float] = []  # round trip minus the model's own time (the service's Server-Timing predict)
     statuses: Dict[int, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as http:
@@ -141,6 +144,8 @@ async def drive(port: int, data: bytes, clients: int, requests: int) -> Dict[str
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
+                    timings = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+                    outside_model.append(latencies[-1] - float(timings["predict"]) / 1000)
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -149,6 +154,7 @@ async def drive(port: int, data: bytes, clients: int, requests: int) -> Dict[str
     quantiles = np.percentile(latencies, [50, 95]) if latencies else [float("nan")] * 2
     return {"clients": clients, "requests": requests, "ok": ok, "statuses": statuses,
             "p50_ms": float(quantiles[0]) * 1000, "p95_ms": float(quantiles[1]) * 1000, "seconds": wall,
+            "outside_model_p50_ms": float(np.median(outside_model)) * 1000 if outside_model else float("nan"),
             "throughput": ok / wall}
 
 
@@ -188,27 +194,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = args.checkpoint or bench_checkpoint(Path(folder), args.backbone, args.classes, args.size)
         data = bench_image(args.size, args.sample)
-        bare = bare_predict_seconds(checkpoint, data, repeats=10)
+        bare_before = bare_predict_seconds(checkpoint, data, repeats=10)
         rows = [run_case(case, checkpoint, data, args.clients, args.requests) for case in cases]
+        bare_after = bare_predict_seconds(checkpoint, data, repeats=10)  # the machine's drift over the run
+        bare = (bare_before + bare_after) / 2
 
     print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads); {args.size}x{args.size} JPEG, {args.checkpoint or f'DeepLabV3-{args.backbone}, {args.classes} classes'}")
-    print(f"bare Segmenter.predict: {bare * 1000:.1f} ms/image = {1 / bare:.2f} images/s")
+    print(f"bare Segmenter.predict: {bare * 1000:.1f} ms/image = {1 / bare:.2f} images/s (before the cases "
+          f"{bare_before * 1000:.1f} ms, after {bare_after * 1000:.1f} ms)")
     print("| case | service flags | clients x requests | 200 | other statuses | p50 ms | p95 ms | images/s | "
-          "vs bare predict |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "vs bare predict | p50 outside the model, ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         others = ", ".join(f"{status}: {count}" for status, count in sorted(row["statuses"].items()) if status != 200)
         row["vs_bare"] = row["throughput"] * bare
         print(f"| {row['case']} | {row['flags']} | {row['clients']} x {row['requests']} | {row['ok']} | "
               f"{others or 'none'} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['throughput']:.2f} | "
-              f"{row['vs_bare']:.2f} |")
+              f"{row['vs_bare']:.2f} | {row['outside_model_p50_ms']:.1f} |")
     sequential = next((row for row in rows if row["case"] == "sequential"), None)
     if sequential:
-        print(f"service overhead (sequential p50 - bare predict): {sequential['p50_ms'] - bare * 1000:.1f} ms "
-              f"per request")
+        print(f"service overhead per request, sequential: {sequential['outside_model_p50_ms']:.1f} ms outside the "
+              f"model (round trip - the service's own predict time, per request); round-trip p50 - bare predict: "
+              f"{sequential['p50_ms'] - bare * 1000:.1f} ms")
     if args.json:
-        args.json.write_text(json.dumps({"bare_predict_ms": bare * 1000, "cases": rows}, indent=2))
+        args.json.write_text(json.dumps({"bare_predict_ms": bare * 1000, "bare_predict_before_ms": bare_before * 1000,
+                                         "bare_predict_after_ms": bare_after * 1000, "cases": rows}, indent=2))
     return 0
 
 

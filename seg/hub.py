@@ -41,6 +41,11 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
 SEGMENTOR_TITLES = {"deeplabv3": "DeepLabV3", "fcn": "FCN"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` has the shape of a Hub repo id (``owner/name``) rather than of a checkpoint file name."""
+    return bool(_REPO_ID.match(text)) and Path(text).suffix not in CHECKPOINT_SUFFIXES
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -66,7 +71,7 @@ def read_model(source: PathLike, revision: Optional[str] = None
         return checkpoint_card(payload, path), payload["model"]
     if path.is_dir():
         return read_folder(path)
-    if _REPO_ID.match(str(source)) and not path.exists():
+    if is_repo_id(str(source)) and not path.exists():
         return read_folder(download(str(source), revision))
     if path.exists():
         raise HubError(f"{source} is neither a checkpoint file, a model folder ({CONFIG_NAME} + {WEIGHTS_NAME}) nor "

@@ -95,17 +95,20 @@ def main(argv=None) -> int:
 
     from seg.predictor import Segmenter
 
+    def load() -> Segmenter:
+        return Segmenter.from_pretrained(args.checkpoint, device=args.device, precision=args.precision,
+                                         max_pixels=args.max_pixels, crop_size=args.crop_size)
+
     try:
-        segmenter = Segmenter.from_pretrained(args.checkpoint, device=args.device, precision=args.precision,
-                                              max_pixels=args.max_pixels, crop_size=args.crop_size)
+        app = create_app(load, settings)  # loads the model once, on the prediction thread
     except (CheckpointError, HubError, ModelCardError) as error:
         print(f"error: --checkpoint: {error}", file=sys.stderr)
         return 2
     except ConfigError as error:
         print(f"error: --{error.setting.replace('_', '-')} {error.problem}", file=sys.stderr)
         return 2
-    app = create_app(segmenter, settings)
     service = app.state.service
+    segmenter = service.segmenter
 
     class DrainingServer(uvicorn.Server):
         """uvicorn's server, whose SIGTERM also turns /readyz to 503 while the requests in flight finish."""

@@ -12,6 +12,7 @@ predicts them in one forward pass (:meth:`seg.predictor.Segmenter.predict_batch`
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
@@ -40,9 +41,15 @@ class Admission:
     def leave(self) -> None:
         self.inside -= 1
 
-    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
-        """``function(*args)`` on a prediction thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+    async def run(self, function: Callable[..., Any], *args: Any) -> Tuple[Any, float, float]:
+        """(``function(*args)``, when a prediction thread started it, when it returned), on a prediction thread;
+        times are ``time.perf_counter()`` seconds."""
+        def timed() -> Tuple[Any, float, float]:
+            started = time.perf_counter()
+            result = function(*args)
+            return result, started, time.perf_counter()
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
 
 
 @dataclass
@@ -56,8 +63,9 @@ class MicroBatcher:
     """Predicts concurrent requests together.
 
     ``predict_many(key, payloads) -> results`` runs on the admission's threads with requests that share ``key``
-    (their inference options), at most ``max_batch`` of them. An exception it raises goes to each request of
-    the batch. The worker tasks start with the first request, in the loop that serves it (no startup hook, so
+    (their inference options), at most ``max_batch`` of them; :meth:`submit` returns the request's result with
+    the batch's start and end times, as :meth:`Admission.run` does. An exception it raises goes to each request
+    of the batch. The worker tasks start with the first request, in the loop that serves it (no startup hook, so
     the app runs the same under uvicorn, a test client and Ray Serve).
     """
 
@@ -72,7 +80,7 @@ class MicroBatcher:
         self._queue: Optional[asyncio.Queue] = None
         self._tasks: List[asyncio.Task] = []
 
-    async def submit(self, key: Hashable, payload: Any) -> Any:
+    async def submit(self, key: Hashable, payload: Any) -> Tuple[Any, float, float]:
         loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
@@ -107,7 +115,8 @@ class MicroBatcher:
                 continue
             self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
             try:
-                results = await self.admission.run(self.predict_many, key, [w.payload for w in batch])
+                results, started, ended = await self.admission.run(self.predict_many, key,
+                                                                   [w.payload for w in batch])
             except Exception as error:  # noqa: BLE001 - handed to the requests, which answer for it
                 for waiting in batch:
                     if not waiting.future.done():
@@ -115,4 +124,4 @@ class MicroBatcher:
                 continue
             for waiting, result in zip(batch, results):
                 if not waiting.future.done():
-                    waiting.future.set_result(result)
+                    waiting.future.set_result((result, started, ended))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from importlib import resources
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -56,10 +56,15 @@ def _validation_message(error: RequestValidationError) -> str:
 class ServiceState:
     """What the endpoints share: the model, the limits, the admission, the counters and the drain flag."""
 
-    def __init__(self, segmenter: Segmenter, settings: ServeSettings) -> None:
-        self.segmenter = segmenter
+    def __init__(self, segmenter: Union[Segmenter, Callable[[], Segmenter]], settings: ServeSettings) -> None:
         self.settings = settings
         self.admission = Admission(settings.admitted, settings.concurrency)
+        if not isinstance(segmenter, Segmenter):
+            # Loaded on the prediction thread: once any other thread has run a parallel torch operation (loading
+            # a model does), each of the thread's predictions on the CPU takes longer (measured in bf16: 1.6x on
+            # 64 x 64 images, 1.14x on 512 x 512; bench/RESULTS.md).
+            segmenter = self.admission.executor.submit(segmenter).result()
+        self.segmenter = segmenter
         self.batcher = (MicroBatcher(self._predict_many, self.admission, settings.max_batch,
                                      settings.batch_wait_ms / 1000.0, settings.concurrency)
                         if settings.max_batch > 1 else None)
@@ -69,17 +74,20 @@ class ServiceState:
     def _predict_many(self, ms_flip: bool, images: List[np.ndarray]) -> List[np.ndarray]:
         return self.segmenter.predict_batch(images, ms_flip=ms_flip)
 
-    async def predict(self, request: Request, ms_flip: bool) -> tuple:
-        """(RGB image, mask) of the request's upload, within the service's limits."""
+    async def predict(self, request: Request, ms_flip: bool) -> Tuple[np.ndarray, np.ndarray, Dict[str, float]]:
+        """(RGB image, mask, timings) of the request's upload, within the service's limits. Timings (seconds):
+        ``wait`` from the decoded image to a prediction thread (a free slot, a batch), ``predict`` the model's
+        work (for a micro-batch, the whole batch's)."""
         self.admission.enter()
         try:
             data, name = await read_upload(request, self.settings.max_upload_bytes)
             rgb = await run_in_threadpool(decode_upload, data, name, self.segmenter.max_pixels)
+            decoded = time.perf_counter()
             if self.batcher is not None:
-                mask = await self.batcher.submit(ms_flip, rgb)
+                mask, started, ended = await self.batcher.submit(ms_flip, rgb)
             else:
-                mask = await self.admission.run(self.segmenter.predict, rgb, ms_flip)
-            return rgb, mask
+                mask, started, ended = await self.admission.run(self.segmenter.predict, rgb, ms_flip)
+            return rgb, mask, {"wait": started - decoded, "predict": ended - started}
         finally:
             self.admission.leave()
 
@@ -94,16 +102,27 @@ class ServiceState:
         }}
 
 
+def server_timing(timings: Dict[str, float], started: float) -> Dict[str, str]:
+    """The ``Server-Timing`` header (milliseconds; browsers' developer tools show it): ``wait``, ``predict`` and
+    ``total`` (from the request's arrival to its response body, the upload's transfer included)."""
+    parts = [f"{name};dur={seconds * 1000.0:.1f}" for name, seconds in timings.items()]
+    parts.append(f"total;dur={(time.perf_counter() - started) * 1000.0:.1f}")
+    return {"Server-Timing": ", ".join(parts)}
+
+
 def _page() -> str:
     return resources.files("seg.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(segmenter: Segmenter, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The HTTP app for ``segmenter`` (module docstring). ``app.state.service`` is its :class:`ServiceState`
-    (``draining`` is what SIGTERM sets)."""
+def create_app(segmenter: Union[Segmenter, Callable[[], Segmenter]],
+               settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The HTTP app for ``segmenter`` (module docstring), or for the Segmenter that calling it returns: the
+    service then loads it on its prediction thread, where it is fastest (:class:`ServiceState`); what loading
+    raises, this raises. ``app.state.service`` is its :class:`ServiceState` (``draining`` is what SIGTERM sets)."""
     # No /docs page: Swagger UI loads its scripts from a CDN, and the service must work offline. /openapi.json stays.
     app = FastAPI(title="seg", version=__version__, docs_url=None, redoc_url=None)
     service = ServiceState(segmenter, settings)
+    segmenter = service.segmenter
     app.state.service = service
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     page = _page()
@@ -138,23 +157,21 @@ def create_app(segmenter: Segmenter, settings: ServeSettings = ServeSettings()) 
     async def predict(request: Request, format: Literal["png", "json"] = "png",
                       ms_flip: bool = Query(False, description="multi-scale + flip inference")) -> Response:
         started = time.perf_counter()
-        _, mask = await service.predict(request, ms_flip)
+        _, mask, timings = await service.predict(request, ms_flip)
         if format == "json":
             payload = await run_in_threadpool(mask_json, segmenter, mask)
             payload["latency_ms"] = (time.perf_counter() - started) * 1000.0
-            return JSONResponse(payload)
+            return JSONResponse(payload, headers=server_timing(timings, started))
         body = await run_in_threadpool(mask_png, segmenter, mask)
-        return Response(body, media_type="image/png",
-                        headers={"X-Latency-Ms": f"{(time.perf_counter() - started) * 1000.0:.1f}"})
+        return Response(body, media_type="image/png", headers=server_timing(timings, started))
 
     @app.post("/v1/overlay", summary="The image with its coloured mask blended over it, as PNG")
     async def overlay(request: Request, alpha: float = Query(0.5, ge=0.0, le=1.0),
                       ms_flip: bool = Query(False, description="multi-scale + flip inference")) -> Response:
         started = time.perf_counter()
-        rgb, mask = await service.predict(request, ms_flip)
+        rgb, mask, timings = await service.predict(request, ms_flip)
         body = await run_in_threadpool(overlay_png, segmenter, rgb, mask, alpha)
-        return Response(body, media_type="image/png",
-                        headers={"X-Latency-Ms": f"{(time.perf_counter() - started) * 1000.0:.1f}"})
+        return Response(body, media_type="image/png", headers=server_timing(timings, started))
 
     @app.get("/v1/model", summary="The model card, and how this service runs it")
     async def model() -> Dict[str, Any]:

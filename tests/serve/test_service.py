@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import struct
 import threading
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +89,10 @@ def test_json_gives_class_shares_and_hugging_face_style_segments(segmenter):
     assert response.status_code == 200, response.text
     result = response.json()
     assert (result["height"], result["width"]) == expected.shape and result["latency_ms"] > 0
+    timings = {name: float(value) for name, value in (part.strip().split(";dur=")
+                                                      for part in response.headers["server-timing"].split(","))}
+    assert list(timings) == ["wait", "predict", "total"] and timings["predict"] > 0
+    assert timings["total"] >= timings["wait"] + timings["predict"]
     counts = np.bincount(expected.ravel(), minlength=segmenter.num_classes)
     present = [int(i) for i in np.flatnonzero(counts)]
     assert sorted(entry["id"] for entry in result["classes"]) == present
@@ -245,7 +247,6 @@ def test_a_full_service_answers_503_with_retry_after_at_once(segmenter, monkeypa
 
 
 def test_micro_batching_predicts_concurrent_requests_in_one_pass_with_the_same_masks(segmenter, monkeypatch):
-    from seg.data.toy import toy_scene  # noqa: F401 - the toy scenes' generator, through the dataset below
     from seg.data import build_dataset
 
     scenes = build_dataset("toy", "val")
