@@ -169,6 +169,7 @@ def check_shared(folder: Path, checkpoint: Path, images: Path) -> str:
 
 
 SERVICE_URL = "http://127.0.0.1:8000"  # the README's serve line runs seg.serve's default host and port
+BF16_AGREEMENT = 0.999
 
 
 def _http(method: str, url: str, body: bytes = None, timeout: float = 120):
@@ -186,8 +187,9 @@ def _http(method: str, url: str, body: bytes = None, timeout: float = 120):
 
 def check_served(command: str, checkpoint: Path, images: Path) -> str:
     """The README's serve line, run as a user would (in its own session, so SIGTERM reaches the service and
-    not this script): it becomes ready, predicts the masks Segmenter predicts for each image, serves the page and
-    the card, refuses a non-image with one-line JSON, and exits after SIGTERM."""
+    not this script): it becomes ready, predicts the masks Segmenter predicts for each image (in fp32 exactly; in
+    bf16 on 99.9 % of the pixels), serves the page and the card, refuses a non-image with one-line JSON, and exits
+    after SIGTERM."""
     import io
     import os
     import signal
@@ -212,20 +214,30 @@ def check_served(command: str, checkpoint: Path, images: Path) -> str:
             if time.monotonic() > deadline:
                 raise CheckFailed(f"{SERVICE_URL}/readyz did not answer 200 within 600 s")
             time.sleep(0.5)
-        reference = Segmenter.from_checkpoint(checkpoint)  # the service's defaults: device and precision auto
+        status, _, card = _http("GET", SERVICE_URL + "/v1/model")
+        description = json.loads(card) if status == 200 else {}
+        precision = description.get("serving", {}).get("precision", "fp32")
+        reference = Segmenter.from_checkpoint(checkpoint, precision=precision)  # the service's device and precision
+        if status != 200 or description.get("classes") != list(reference.classes):
+            problems.append(f"GET /v1/model: status {status}, or not the checkpoint's classes")
+        # fp32 masks are the same sums in both processes; bf16 convolutions pick their padding path by timing
+        # (seg.models.conv), so two processes may round a near-tie differently: bf16 must agree on 99.9 %.
+        least = 1.0 if precision == "fp32" else BF16_AGREEMENT
+        agreements = []
         inputs = sorted(p for p in images.iterdir() if p.is_file())
         for path in inputs:
             status, headers, body = _http("POST", SERVICE_URL + "/v1/predict", path.read_bytes())
             if status != 200 or headers.get("content-type") != "image/png":
                 problems.append(f"POST {path.name}: status {status}, {headers.get('content-type')}: {body[:200]!r}")
-            elif not np.array_equal(np.asarray(Image.open(io.BytesIO(body))), reference.predict(path)):
-                problems.append(f"POST {path.name}: the service's mask differs from Segmenter.predict's")
+                continue
+            served, expected = np.asarray(Image.open(io.BytesIO(body))), reference.predict(path)
+            agreements.append(float((served == expected).mean()) if served.shape == expected.shape else 0.0)
+            if agreements[-1] < least:
+                problems.append(f"POST {path.name}: the service's mask agrees with Segmenter.predict's ({precision}) "
+                                f"on {agreements[-1]:.4%} of the pixels, expected at least {least:.1%}")
         status, _, page = _http("GET", SERVICE_URL + "/")
         if status != 200 or b'id="legend"' not in page:
             problems.append(f"GET /: status {status}, or the page has no legend")
-        status, _, card = _http("GET", SERVICE_URL + "/v1/model")
-        if status != 200 or json.loads(card).get("classes") != list(reference.classes):
-            problems.append(f"GET /v1/model: status {status}, or not the checkpoint's classes")
         status, _, refusal = _http("POST", SERVICE_URL + "/v1/predict", b"not an image")
         if status != 415 or list(json.loads(refusal)) != ["error"]:
             problems.append(f"POST of a non-image: status {status} {refusal[:200]!r}, expected 415 and one error")
@@ -247,7 +259,8 @@ def check_served(command: str, checkpoint: Path, images: Path) -> str:
         os.killpg(service.pid, signal.SIGKILL)
         problems.append("the service was still running 60 s after SIGTERM")
     _fail_if(problems)
-    return f"the serve line: ready, {len(inputs)} masks equal to Segmenter's, page, card, 415, SIGTERM"
+    return (f"the serve line: ready; {len(inputs)} masks ({precision}) agree with Segmenter's on at least "
+            f"{min(agreements, default=0.0):.4%} of the pixels; page, card, 415, SIGTERM")
 
 
 def main(argv=None) -> int:

@@ -7,12 +7,14 @@ in use, the serve extra not installed) are one line on stderr, exit status 2.
 
 from __future__ import annotations
 
+import argparse
+import math
 import socket
 import sys
 from pathlib import Path
 
 from seg.card import ModelCardError
-from seg.cli import ArgumentParser, checkpoint_problem, crop_size_type, int_in_range
+from seg.cli import ArgumentParser, checkpoint_problem, crop_size_type, flag_message, int_in_range
 from seg.config import ConfigError
 from seg.engine.checkpoint import CheckpointError
 from seg.engine.precision import PRECISIONS
@@ -21,6 +23,17 @@ from seg.serve.settings import DEFAULT_MAX_PIXELS, ServeSettings
 
 PROG = "python -m seg.serve"
 DEFAULTS = ServeSettings()
+
+
+def positive_megabytes(text: str) -> float:
+    """argparse type: a positive number of MiB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of MiB, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number of MiB, got {text!r}")
+    return value
 
 
 def parser() -> ArgumentParser:
@@ -36,7 +49,7 @@ def parser() -> ArgumentParser:
         "training crop)")
     add("--max-pixels", type=int_in_range(1), default=DEFAULT_MAX_PIXELS,
         help=f"refuse larger images (413), read from the header before decoding (default {DEFAULT_MAX_PIXELS})")
-    add("--max-upload-mb", type=float, default=DEFAULTS.max_upload_bytes / 2**20,
+    add("--max-upload-mb", type=positive_megabytes, default=DEFAULTS.max_upload_bytes / 2**20,
         help=f"refuse larger uploads (413) before reading them whole (default {DEFAULTS.max_upload_bytes // 2**20})")
     add("--concurrency", type=int_in_range(1), default=DEFAULTS.concurrency,
         help=f"predictions at once (default {DEFAULTS.concurrency}: on a CPU one uses every core)")
@@ -86,7 +99,7 @@ def main(argv=None) -> int:
                                  concurrency=args.concurrency, queue_size=args.queue, max_batch=args.max_batch,
                                  batch_wait_ms=args.batch_wait_ms)
     except ConfigError as error:
-        p.error(f"--{error.setting.replace('_', '-')} {error.problem}")
+        p.error(flag_message(error, {"queue_size": "--queue"}))
     try:
         sock = listening_socket(args.host, args.port)
     except OSError as error:
@@ -105,7 +118,7 @@ def main(argv=None) -> int:
         print(f"error: --checkpoint: {error}", file=sys.stderr)
         return 2
     except ConfigError as error:
-        print(f"error: --{error.setting.replace('_', '-')} {error.problem}", file=sys.stderr)
+        print(f"error: {flag_message(error)}", file=sys.stderr)
         return 2
     service = app.state.service
     segmenter = service.segmenter

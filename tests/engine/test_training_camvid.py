@@ -26,14 +26,18 @@ def test_short_camvid_run_learns(shared, tmp_path):
         [sys.executable, "-m", "seg.train", "--dataset", "camvid", "--data-root", str(root), "--backbone",
          "resnest14", "--pretrained", "none", "--iters", "80", "--batch-size", "8", "--crop-size", "128",
          "--base-size", "240", "--lr", "0.05", "--workers", "2", "--eval-every", "1000", "--val-limit", "1",
-         "--log-every", "5", "--class-weights", "none", "--warmup-iters", "0", "--head-lr-mult", "10",
+         "--log-every", "1", "--class-weights", "none", "--warmup-iters", "0", "--head-lr-mult", "10",
          "--output-stride", "8", "--amp", "off", "--output-dir", str(output)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     losses = [json.loads(line)["loss"] for line in (output / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert len(losses) == 16
-    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:2]), losses
+    assert len(losses) == 80
+    # Each logged loss is one batch of 8 crops, noisy by +-0.5 around the trend: the bar compares the means of the
+    # first 5 and the last 20 steps. (It compared the 5th and 10th steps with the 65th to 80th in steps of 5 before;
+    # on an AMD EPYC the 10th batch happened to score 2.30 between neighbours of 3.2-3.4, and the same run that
+    # halves the loss by the means here, 3.45 -> 1.53, failed it.)
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5]), losses
 
     train_images = build_dataset("camvid", "train", root=root, transforms=eval_transforms())
     train_images.samples = train_images.samples[::12]  # 31 frames spread over the sequence

@@ -58,7 +58,9 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(discriminating_checkp
     frame = frames[0]  # 2048 x 1024: ms+flip on it takes seconds on a CPU, long enough to signal during it
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_service(discriminating_checkpoint, port, "--queue", "2")
+    # fp32: bf16 convolutions choose their padding path by timing (seg.models.conv), so two processes can round
+    # differently; fp32 convolutions are plain oneDNN ones, the same sums in both.
+    process = start_service(discriminating_checkpoint, port, "--queue", "2", "--precision", "fp32")
     try:
         wait_until_ready(process, url)
         answer = {}
@@ -85,7 +87,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(discriminating_checkp
     assert response.status_code == 200, response.text
     from seg.predictor import Segmenter
 
-    expected = Segmenter.from_checkpoint(discriminating_checkpoint, device="cpu").predict(frame, ms_flip=True)
+    expected = Segmenter.from_checkpoint(discriminating_checkpoint, device="cpu", precision="fp32").predict(
+        frame, ms_flip=True)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(response.content))), expected)
     # uvicorn re-raises the signal once drained: the process ends as a SIGTERM'd process does, without a traceback.
     assert process.returncode in (0, -signal.SIGTERM), (process.returncode, stderr[-2000:])
@@ -94,7 +97,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(discriminating_checkp
         httpx.get(url + "/healthz", timeout=2)
 
 
-def test_usage_mistakes_are_one_line_with_exit_status_2(discriminating_checkpoint, tmp_path):
+def test_usage_mistakes_are_one_line_with_exit_status_2(discriminating_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -107,13 +111,32 @@ def test_usage_mistakes_are_one_line_with_exit_status_2(discriminating_checkpoin
         (["--checkpoint", str(discriminating_checkpoint), "--port", "70000"], "--port"),
         (["--checkpoint", str(discriminating_checkpoint), "--max-batch", "0"], "--max-batch"),
         (["--checkpoint", str(discriminating_checkpoint), "--precision", "fp8"], "--precision"),
+        (["--checkpoint", str(discriminating_checkpoint), "--max-upload-mb", "-1"], "--max-upload-mb"),
+        (["--checkpoint", str(discriminating_checkpoint), "--batch-wait-ms", "-5"], "--batch-wait-ms"),
     ]
+    import uvicorn
+
+    from seg.serve.__main__ import main
+
+    # A mistake that slipped through would serve forever: fail instead.
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: pytest.fail("the service would start"))
     try:
+        # One as a real process (the traceback-free exit of the interpreter itself), the rest through main().
+        argv, words = cases[2]
+        result = subprocess.run([sys.executable, "-m", "seg.serve", *argv], capture_output=True, text=True,
+                                timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert result.returncode == 2, (argv, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr, (argv, result.stderr)
         for argv, words in cases:
-            result = subprocess.run([sys.executable, "-m", "seg.serve", *argv], capture_output=True, text=True,
-                                    timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-            assert result.returncode == 2, (argv, result.stderr)
-            lines = result.stderr.strip().splitlines()
-            assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr, (argv, result.stderr)
+            capsys.readouterr()
+            try:
+                status = main(argv)
+            except SystemExit as exit:
+                status = exit.code
+            stderr = capsys.readouterr().err
+            assert status == 2, (argv, stderr)
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1 and words in lines[0], (argv, stderr)
     finally:
         busy.close()
