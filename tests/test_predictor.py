@@ -9,12 +9,10 @@ probabilities match the reference to float rounding; bf16 is judged in tests/eng
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import seg.predictor
+from png_files import blank_png
 from discriminating_model import (CLASSES, PALETTE_ARRAY, assert_mask_matches, normalise, reference_model,
                                   reference_probabilities)
 from seg import Segmenter
@@ -35,21 +34,6 @@ from seg.predictor import NATIVE, banded_argmax, tile_spans
 # |segmenter - reference| in probability: batch norm folded, channels_last and another summation order; measured
 # differences are up to 2e-5, a fifth of this, and any real fault moves probabilities by tenths.
 PROBABILITY_TOLERANCE = 1e-4
-
-
-def blank_png(path, width: int, height: int):
-    """A valid 1-bit PNG of ``width x height`` zeros, written in a fraction of a second: 20000 x 20000 is a
-    40 kB file that OpenCV would decode to 1.2 GB of RGB."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    compressor = zlib.compressobj(9)
-    rows = b"\0" * ((width + 7) // 8 + 1) * 1000  # a filter byte and the packed bits of each row
-    idat = b"".join(compressor.compress(rows[: len(rows) // 1000 * min(1000, height - start)])
-                    for start in range(0, height, 1000)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
 
 
 def context_model(classes: int = 3) -> torch.nn.Module:

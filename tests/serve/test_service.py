@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import struct
 import threading
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import SHARED
+from png_files import blank_png
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[test]'")
 httpx = pytest.importorskip("httpx", reason="httpx (the test client) is not installed: pip install -e '.[test]'")
@@ -137,28 +136,18 @@ def test_model_endpoint_is_the_card_and_probes_answer(segmenter):
     assert "default-src 'self'" in page.headers["content-security-policy"]
 
 
-def blank_png(width: int, height: int) -> bytes:
-    """A valid PNG of width x height zero bits, a few kB however large it claims to be."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    rows = zlib.compress((b"\0" * ((width + 7) // 8 + 1)) * height, 9)
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-
-
 def jpeg_bytes(size=(64, 48)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), np.uint8)).save(buffer, "JPEG")
     return buffer.getvalue()
 
 
-def test_bad_requests_get_a_one_line_json_error_never_a_500(segmenter):
+def test_bad_requests_get_a_one_line_json_error_never_a_500(segmenter, tmp_path):
     app = create_app(segmenter, ServeSettings(max_upload_bytes=200_000))
     segmenter_limit = Segmenter(segmenter.model, segmenter.card, device="cpu", max_pixels=1_000_000)
     limited = create_app(segmenter_limit, ServeSettings(max_upload_bytes=200_000))
     jpeg = jpeg_bytes()
-    png = blank_png(300, 200)
+    png = blank_png(tmp_path / "small.png", 300, 200).read_bytes()
 
     async def chunks():  # no Content-Length: the limit must hold while reading
         for _ in range(30):
@@ -176,7 +165,7 @@ def test_bad_requests_get_a_one_line_json_error_never_a_500(segmenter):
         (app, "POST", "/v1/predict", {"content": b"\0" * 300_000}, 413, "larger than the limit of 200000 bytes"),
         (app, "POST", "/v1/predict", {"content": chunks()}, 413, "larger than the limit"),
         # 20000 x 20000 declared in a 6 kB PNG: refused from its header, before 1.2 GB are decoded.
-        (limited, "POST", "/v1/predict", {"content": blank_png(20000, 20000)}, 413, "20000x20000"),
+        (limited, "POST", "/v1/predict", {"content": blank_png(tmp_path / "huge.png", 20000, 20000).read_bytes()}, 413, "20000x20000"),
         (app, "POST", "/v1/predict?ms_flip=maybe", {"content": jpeg}, 422, "ms_flip"),
         (app, "POST", "/v1/predict?format=tiff", {"content": jpeg}, 422, "format"),
         (app, "POST", "/v1/overlay?alpha=2", {"content": jpeg}, 422, "alpha"),
